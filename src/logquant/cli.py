@@ -1,0 +1,237 @@
+"""The ``logquant`` command: a thin layer of argument parsing over the library."""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import shlex
+import sys
+from pathlib import Path
+
+import torch
+
+from logquant.errors import LogquantError
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse that reports a bad command line in one line, exit code 2."""
+
+    def error(self, message: str):
+        raise LogquantError(f"{self.prog}: {message}")
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
+    return value
+
+
+def _add_common(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", default="refcnn",
+                   help="refcnn (bundled), a torchvision architecture, or package.module:factory")
+    p.add_argument("--data-dir", default=None,
+                   help="Fashion-MNIST IDX files or an image folder (train/, test/ of classes); "
+                        "default $LOGQUANT_DATA_DIR or /usr/share/datasets/fashion-mnist")
+    p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ...")
+    p.add_argument("--batch-size", type=_positive_int, default=500, help="evaluation batch")
+    p.add_argument("--image-size", type=_positive_int, default=224,
+                   help="image-folder data only: side of the square crop")
+
+
+def _device(name: str) -> torch.device:
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise LogquantError(f"--device {name}: not a device name (cpu, cuda, cuda:0)") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise LogquantError(f"--device {name}: CUDA is not available on this machine")
+    return device
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog="logquant", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
+
+    p = sub.add_parser("train", help="train a model in float (the reference CNN by default)")
+    _add_common(p)
+    p.add_argument("--epochs", type=_positive_int, default=15)
+    p.add_argument("--train-batch-size", type=_positive_int, default=128)
+    p.add_argument("--lr", type=float, default=0.05)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", required=True, help="output .safetensors file")
+    p.add_argument("--no-progress", action="store_true")
+    p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("eval", help="top-1/top-5 of a model in float or with chosen formats")
+    _add_common(p)
+    p.add_argument("--checkpoint", default=None,
+                   help="weights file (.safetensors, or a torch state_dict loaded safely); "
+                        "default for refcnn: the bundled weights")
+    _add_format_args(p)
+    p.add_argument("--calib-batches", type=_positive_int, default=8,
+                   help="validation batches (of --batch-size) used for calibration")
+    p.add_argument("--split", choices=("test", "val"), default="test",
+                   help="where accuracy is measured (calibration always uses val)")
+    p.add_argument("--json", action="store_true", help="print one JSON object")
+    p.set_defaults(func=cmd_eval)
+    return parser
+
+
+def _fsr_method_or_int(text: str) -> str | int:
+    from logquant.config import FSR_METHODS
+
+    if text in FSR_METHODS:
+        return text
+    try:
+        return int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"expected {', '.join(FSR_METHODS)} or an integer FSR, got {text!r}") from None
+
+
+def _add_format_args(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("formats (float where not given)")
+    g.add_argument("--config", default=None, help="a QuantConfig JSON file (flags override)")
+    g.add_argument("--weights", help="weight format of conv and fc layers, e.g. log5s")
+    g.add_argument("--conv-weights", help="weight format of conv layers")
+    g.add_argument("--fc-weights", help="weight format of fully connected layers")
+    g.add_argument("--acts", help="activation format (inputs of conv/fc layers), e.g. log3")
+    g.add_argument("--fsr-method", type=_fsr_method_or_int, default=None,
+                   help="max | percentile | mse (weights and activations), or a fixed FSR")
+    g.add_argument("--weight-fsr", type=_fsr_method_or_int, default=None,
+                   help="FSR method (or fixed FSR) for weights")
+    g.add_argument("--act-fsr", type=_fsr_method_or_int, default=None,
+                   help="FSR method (or fixed, global FSR) for activations")
+    g.add_argument("--percentile", type=float, default=None, help="for --fsr-method percentile")
+    g.add_argument("--quantize-input", action="store_true",
+                   help="also quantize the first layer's input (the image)")
+    g.add_argument("--layer", action="append", default=[], metavar="NAME=weights:FMT,acts:FMT",
+                   help="per-layer override (repeatable); 'float' keeps that part in float")
+    g.add_argument("--skip", action="append", default=[], metavar="NAME",
+                   help="leave this layer entirely in float (repeatable)")
+
+
+def _parse_layer_override(text: str) -> tuple[str, dict[str, str]]:
+    name, sep, spec = text.partition("=")
+    parts = dict(item.partition(":")[::2] for item in spec.split(",") if item)
+    if not sep or not name or not parts or any(not v for v in parts.values()):
+        raise LogquantError(f"--layer {text!r}: expected NAME=weights:FMT,acts:FMT")
+    return name, parts
+
+
+def config_from_args(args: argparse.Namespace):
+    """The QuantConfig that the format flags (and --config file) describe."""
+    from logquant.config import QuantConfig
+    from logquant.formats import parse_format
+
+    base = QuantConfig.load(args.config).to_dict() if args.config else {}
+    if args.weights:
+        base["conv_weights"] = base["fc_weights"] = args.weights
+    for field in ("conv_weights", "fc_weights", "acts"):
+        if getattr(args, field):
+            base[field] = getattr(args, field)
+    for field, value in (("weight_fsr", args.weight_fsr or args.fsr_method),
+                         ("act_fsr", args.act_fsr or args.fsr_method)):
+        if isinstance(value, int):  # a fixed FSR: pin it in the formats it applies to
+            targets = ("conv_weights", "fc_weights") if field == "weight_fsr" else ("acts",)
+            for target in targets:
+                fmt = parse_format(str(base.get(target, "float")))
+                if fmt is not None:
+                    base[target] = fmt.with_fsr(value).name
+        elif value is not None:
+            base[field] = value
+    if args.percentile is not None:
+        base["percentile"] = args.percentile
+    if args.quantize_input:
+        base["quantize_first_input"] = True
+    if args.skip:
+        base["skip"] = list(base.get("skip", [])) + args.skip
+    overrides = dict(base.get("overrides", {}))
+    for text in args.layer:
+        name, parts = _parse_layer_override(text)
+        overrides[name] = parts
+    base["overrides"] = overrides
+    return QuantConfig.from_dict(base)
+
+
+def cmd_eval(args: argparse.Namespace, argv: list[str]) -> int:
+    from logquant.convert import describe, quantize_model
+    from logquant.data import load_splits
+    from logquant.evaluate import evaluate
+    from logquant.models import load_model
+
+    config = config_from_args(args)
+    device = _device(args.device)
+    splits = load_splits(args.data_dir, args.image_size)
+    model = load_model(args.model, args.checkpoint, len(splits.train.classes),
+                       splits.train.images.shape[1]).to(device)
+    if not config.is_float:
+        model = quantize_model(model, config, splits.val.batches(args.batch_size, device),
+                               num_batches=args.calib_batches)
+    dataset = getattr(splits, args.split)
+    acc = evaluate(model, dataset, args.batch_size, device, progress=not args.json)
+    if args.json:
+        print(json.dumps({"model": args.model, "checkpoint": args.checkpoint,
+                          "split": args.split, **acc.as_dict(), "config": config.to_dict(),
+                          "layers": describe(model)}, sort_keys=True))
+    else:
+        for row in describe(model):
+            print(f"  {row['layer']:<24} weights {row['weights']:<16} input {row['input']}")
+        label = "float" if config.is_float else "quantized"
+        print(f"{args.model} ({label}) on {args.split} ({acc.count} images): "
+              f"top-1 {acc.top1:.2f} %  top-5 {acc.top5:.2f} %")
+    return 0
+
+
+def cmd_train(args: argparse.Namespace, argv: list[str]) -> int:
+    from logquant.data import load_splits
+    from logquant.evaluate import evaluate
+    from logquant.io import save_weights, write_json_atomic
+    from logquant.models import create_model
+    from logquant.train import TrainConfig, train_float
+
+    out = Path(args.out)
+    if out.suffix != ".safetensors":
+        raise LogquantError(f"--out {out}: the file name must end in .safetensors")
+    device = _device(args.device)
+    splits = load_splits(args.data_dir, args.image_size)
+    torch.manual_seed(args.seed)
+    model = create_model(args.model, num_classes=len(splits.train.classes),
+                         in_channels=splits.train.images.shape[1])
+    cfg = TrainConfig(epochs=args.epochs, batch_size=args.train_batch_size, lr=args.lr,
+                      seed=args.seed)
+    summary = train_float(model, splits, cfg, device, progress=not args.no_progress,
+                          log=lambda line: print(line, file=sys.stderr))
+    test = evaluate(model, splits.test, args.batch_size, device)
+    command = "logquant " + shlex.join(argv)
+    record = {"command": command, "model": args.model, "train_config": dataclasses.asdict(cfg),
+              "test": test.as_dict(), **summary}
+    model.cpu()
+    save_weights(model, out, metadata={"command": command, "seed": str(args.seed),
+                                       "model": args.model, "test_top1": f"{test.top1:.2f}"})
+    write_json_atomic(out.with_suffix(".json"), record)
+    print(f"test top-1 {test.top1:.2f} %  top-5 {test.top5:.2f} %  "
+          f"({summary['train_seconds']:.0f} s training) -> {out}")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    try:
+        args = build_parser().parse_args(argv)
+        return args.func(args, argv)
+    except LogquantError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

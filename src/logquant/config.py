@@ -1,0 +1,163 @@
+"""The format configuration shared by post-training quantization, training, export and cost.
+
+One frozen object says which format applies where: conv weights, fc weights, activations
+(the inputs of conv/linear layers), back-propagated errors, with per-layer overrides. It
+round-trips through a plain dict (JSON files, the .lqz header, ``--json`` output).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from pathlib import Path
+from typing import Any
+
+from logquant.errors import LogquantError
+from logquant.formats import Format, FormatError, LinearFormat, LogFormat, parse_format
+
+FSR_METHODS = ("max", "percentile", "mse")
+
+
+class ConfigError(LogquantError):
+    """An invalid configuration value or file."""
+
+
+def _format_name(fmt: Format | None) -> str:
+    return "float" if fmt is None else fmt.name
+
+
+def _parse(value: Any, where: str) -> Format | None:
+    if value is None or isinstance(value, (LogFormat, LinearFormat)):
+        return value
+    try:
+        return parse_format(value)
+    except FormatError as exc:
+        raise ConfigError(f"{where}: {exc}") from None
+
+
+@dataclasses.dataclass(frozen=True)
+class LayerOverride:
+    """Formats for one named layer; a field left as ``"inherit"`` keeps the global choice."""
+
+    weights: Format | None | str = "inherit"
+    acts: Format | None | str = "inherit"
+
+    def __post_init__(self) -> None:
+        for field in ("weights", "acts"):
+            value = getattr(self, field)
+            if value != "inherit":
+                object.__setattr__(self, field, _parse(value, f"override {field}"))
+
+    def to_dict(self) -> dict[str, str]:
+        return {f: (v if v == "inherit" else _format_name(v))
+                for f in ("weights", "acts") if (v := getattr(self, f)) != "inherit"}
+
+
+@dataclasses.dataclass(frozen=True)
+class QuantConfig:
+    """Where which number format applies. ``None`` (or "float") leaves a tensor in float.
+
+    A format without ``@fsr`` gets its FSR per layer from calibration (``weight_fsr`` /
+    ``act_fsr``). Unsigned formats become signed, same total bits, where the tensor they
+    quantize has negative values (weights almost always; activations after no ReLU).
+    """
+
+    conv_weights: Format | None = None  # weights of Conv2d layers
+    fc_weights: Format | None = None  # weights of Linear layers
+    acts: Format | None = None  # the input of every conv/linear layer but the first
+    grads: Format | None = None  # back-propagated errors (quantized training only)
+    weight_fsr: str = "mse"  # FSR method for weights: max | percentile | mse
+    act_fsr: str = "mse"  # FSR method for activations: max | percentile | mse
+    percentile: float = 99.99  # for the "percentile" method, of |x|
+    quantize_first_input: bool = False  # also quantize the network input (the image)
+    skip: tuple[str, ...] = ()  # layer names left entirely in float
+    overrides: dict[str, LayerOverride] = dataclasses.field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        for field in ("conv_weights", "fc_weights", "acts", "grads"):
+            object.__setattr__(self, field, _parse(getattr(self, field), field))
+        for field in ("weight_fsr", "act_fsr"):
+            if getattr(self, field) not in FSR_METHODS:
+                raise ConfigError(f"{field} must be one of {', '.join(FSR_METHODS)}, "
+                                  f"got {getattr(self, field)!r}")
+        if not 0.0 < float(self.percentile) <= 100.0:
+            raise ConfigError(f"percentile must be in (0, 100], got {self.percentile}")
+        object.__setattr__(self, "skip", tuple(self.skip))
+        overrides = {}
+        for name, value in dict(self.overrides).items():
+            if isinstance(value, dict):
+                unknown = set(value) - {"weights", "acts"}
+                if unknown:
+                    raise ConfigError(f"override for {name}: unknown keys {sorted(unknown)}; "
+                                      "use 'weights' and/or 'acts'")
+                value = LayerOverride(**value)
+            overrides[name] = value
+        object.__setattr__(self, "overrides", overrides)
+
+    # -- lookups ------------------------------------------------------------------------
+    def layer_names(self) -> set[str]:
+        """Every layer name the configuration mentions (checked against the model)."""
+        return set(self.skip) | set(self.overrides)
+
+    def weight_format(self, layer: str, kind: str) -> Format | None:
+        """The weight format of ``layer``; ``kind`` is "conv" or "fc"."""
+        if layer in self.skip:
+            return None
+        override = self.overrides.get(layer)
+        if override is not None and override.weights != "inherit":
+            return override.weights
+        return self.conv_weights if kind == "conv" else self.fc_weights
+
+    def act_format(self, layer: str) -> Format | None:
+        if layer in self.skip:
+            return None
+        override = self.overrides.get(layer)
+        if override is not None and override.acts != "inherit":
+            return override.acts
+        return self.acts
+
+    @property
+    def is_float(self) -> bool:
+        return (self.conv_weights is None and self.fc_weights is None and self.acts is None
+                and not any(o.weights not in ("inherit", None) or o.acts not in ("inherit", None)
+                            for o in self.overrides.values()))
+
+    # -- (de)serialization --------------------------------------------------------------
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "conv_weights": _format_name(self.conv_weights),
+            "fc_weights": _format_name(self.fc_weights),
+            "acts": _format_name(self.acts),
+            "grads": _format_name(self.grads),
+            "weight_fsr": self.weight_fsr,
+            "act_fsr": self.act_fsr,
+            "percentile": self.percentile,
+            "quantize_first_input": self.quantize_first_input,
+            "skip": list(self.skip),
+            "overrides": {k: v.to_dict() for k, v in sorted(self.overrides.items())},
+        }
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> QuantConfig:
+        if not isinstance(data, dict):
+            raise ConfigError(f"configuration must be a JSON object, got {type(data).__name__}")
+        fields = {f.name for f in dataclasses.fields(cls)}
+        unknown = set(data) - fields
+        if unknown:
+            raise ConfigError(f"unknown configuration keys {sorted(unknown)}; "
+                              f"known: {sorted(fields)}")
+        try:
+            return cls(**data)
+        except TypeError as exc:
+            raise ConfigError(f"bad configuration: {exc}") from None
+
+    @classmethod
+    def load(cls, path: str | Path) -> QuantConfig:
+        path = Path(path)
+        try:
+            data = json.loads(path.read_text())
+        except OSError as exc:
+            raise ConfigError(f"{path}: cannot read ({exc.strerror})") from None
+        except json.JSONDecodeError as exc:
+            raise ConfigError(f"{path}: not valid JSON ({exc.msg} at line {exc.lineno})") from None
+        return cls.from_dict(data)

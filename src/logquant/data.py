@@ -1,0 +1,229 @@
+"""Datasets: Fashion-MNIST from its IDX files, a generic image folder, and fixed splits.
+
+Everything is loaded into memory as uint8 tensors (Fashion-MNIST is 55 MB), so batches are
+plain tensor slices: no worker processes, no per-image Python on the hot path.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import gzip
+import os
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from logquant.errors import LogquantError
+
+DEFAULT_FASHION_DIR = "/usr/share/datasets/fashion-mnist"
+DATA_DIR_ENV = "LOGQUANT_DATA_DIR"
+FASHION_FILES = {
+    "train": ("train-images-idx3-ubyte", "train-labels-idx1-ubyte"),
+    "test": ("t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte"),
+}
+FASHION_CLASSES = ("T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt",
+                   "Sneaker", "Bag", "Ankle boot")
+# Per-channel statistics of the Fashion-MNIST training images (pixel values in [0, 1]).
+FASHION_MEAN, FASHION_STD = (0.2860,), (0.3530,)
+VALIDATION_SIZE = 5000
+SPLIT_SEED = 20160303  # the paper's arXiv month; fixed so every command sees the same split
+
+
+class DataError(LogquantError):
+    """A missing or malformed dataset file."""
+
+
+@dataclasses.dataclass
+class ImageDataset:
+    """Images (N, C, H, W) uint8 with integer labels, plus the normalization to apply."""
+
+    images: torch.Tensor
+    labels: torch.Tensor
+    mean: tuple[float, ...]
+    std: tuple[float, ...]
+    classes: tuple[str, ...]
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def subset(self, index: torch.Tensor) -> ImageDataset:
+        return dataclasses.replace(self, images=self.images[index], labels=self.labels[index])
+
+    def normalize(self, images: torch.Tensor) -> torch.Tensor:
+        """uint8 (N, C, H, W) -> normalized float32, as the models expect."""
+        mean = torch.tensor(self.mean, device=images.device).view(1, -1, 1, 1)
+        std = torch.tensor(self.std, device=images.device).view(1, -1, 1, 1)
+        return (images.float() / 255.0 - mean) / std
+
+    def batches(self, batch_size: int, device: str | torch.device = "cpu"):
+        """Yield normalized (inputs, labels) batches in order."""
+        for start in range(0, len(self), batch_size):
+            stop = start + batch_size
+            yield (self.normalize(self.images[start:stop].to(device)),
+                   self.labels[start:stop].to(device))
+
+
+# ----------------------------------------------------------------------------------------
+# IDX files
+
+
+def _open_maybe_gzip(path: Path) -> bytes:
+    try:
+        raw = path.read_bytes()
+    except OSError as exc:
+        raise DataError(f"{path}: cannot read ({exc.strerror})") from None
+    if raw[:2] == b"\x1f\x8b":
+        try:
+            return gzip.decompress(raw)
+        except (OSError, EOFError) as exc:
+            raise DataError(f"{path}: corrupt gzip data ({exc})") from None
+    return raw
+
+
+def read_idx(path: str | Path) -> np.ndarray:
+    """Read an IDX file (optionally gzipped) of unsigned bytes, validating header and size."""
+    path = Path(path)
+    raw = _open_maybe_gzip(path)
+    if len(raw) < 4 or raw[0] != 0 or raw[1] != 0:
+        raise DataError(f"{path}: not an IDX file (bad magic number)")
+    if raw[2] != 0x08:
+        raise DataError(f"{path}: IDX element type 0x{raw[2]:02x} is not unsigned byte (0x08)")
+    ndim = raw[3]
+    header = 4 + 4 * ndim
+    if ndim == 0 or len(raw) < header:
+        raise DataError(f"{path}: truncated IDX header")
+    shape = tuple(int.from_bytes(raw[4 + 4 * i: 8 + 4 * i], "big") for i in range(ndim))
+    expected = int(np.prod(shape))
+    if len(raw) - header != expected:
+        raise DataError(f"{path}: IDX header says {shape} = {expected} bytes of data, "
+                        f"file has {len(raw) - header}")
+    return np.frombuffer(raw, dtype=np.uint8, offset=header).reshape(shape)
+
+
+def _find(directory: Path, stem: str) -> Path:
+    for name in (stem, stem + ".gz"):
+        if (directory / name).is_file():
+            return directory / name
+    raise DataError(f"{directory / stem}[.gz]: file not found (install the Debian package "
+                    f"dataset-fashion-mnist, or point --data-dir / {DATA_DIR_ENV} at the IDX "
+                    "files)")
+
+
+def resolve_data_dir(data_dir: str | os.PathLike | None) -> Path:
+    return Path(data_dir or os.environ.get(DATA_DIR_ENV) or DEFAULT_FASHION_DIR)
+
+
+def load_fashion_mnist(part: str, data_dir: str | os.PathLike | None = None) -> ImageDataset:
+    """The Fashion-MNIST ``train`` (60,000) or ``test`` (10,000) images from IDX files."""
+    directory = resolve_data_dir(data_dir)
+    if not directory.is_dir():
+        raise DataError(f"{directory}: data directory not found (install the Debian package "
+                        f"dataset-fashion-mnist, or pass --data-dir / set {DATA_DIR_ENV})")
+    image_stem, label_stem = FASHION_FILES[part]
+    image_path, label_path = _find(directory, image_stem), _find(directory, label_stem)
+    images, labels = read_idx(image_path), read_idx(label_path)
+    if images.ndim != 3:
+        raise DataError(f"{image_path}: expected a 3-D IDX array (N, H, W), got {images.shape}")
+    if labels.ndim != 1 or len(labels) != len(images):
+        raise DataError(f"{label_path}: expected {len(images)} labels, got shape "
+                        f"{labels.shape}")
+    if labels.size and labels.max() >= len(FASHION_CLASSES):
+        raise DataError(f"{label_path}: label {labels.max()} out of range 0..9")
+    return ImageDataset(torch.from_numpy(images.copy()).unsqueeze(1),
+                        torch.from_numpy(labels.astype(np.int64)),
+                        FASHION_MEAN, FASHION_STD, FASHION_CLASSES)
+
+
+def train_val_split(train: ImageDataset, val_size: int = VALIDATION_SIZE,
+                    seed: int = SPLIT_SEED) -> tuple[ImageDataset, ImageDataset]:
+    """Deterministic split of the training set: (train minus validation, validation).
+
+    The validation part is used for calibration and FSR selection, never for training.
+    """
+    if not 0 < val_size < len(train):
+        raise DataError(f"validation size must be in 1..{len(train) - 1}, got {val_size}")
+    order = torch.randperm(len(train), generator=torch.Generator().manual_seed(seed))
+    val_index = order[:val_size].sort().values
+    return train.subset(order[val_size:].sort().values), train.subset(val_index)
+
+
+# ----------------------------------------------------------------------------------------
+# Image folders (ImageNet style: root/<class>/<image>)
+
+IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff"}
+
+
+def load_image_folder(root: str | os.PathLike, size: int, channels: int = 3,
+                      mean: tuple[float, ...] | None = None,
+                      std: tuple[float, ...] | None = None) -> ImageDataset:
+    """Images under ``root/<class>/`` resized (shorter side, then center crop) to ``size``."""
+    from PIL import Image, UnidentifiedImageError
+
+    root = Path(root)
+    classes = sorted(p.name for p in root.iterdir() if p.is_dir()) if root.is_dir() else []
+    if not classes:
+        raise DataError(f"{root}: expected an image folder with one subfolder per class")
+    mode = {1: "L", 3: "RGB"}.get(channels)
+    if mode is None:
+        raise DataError(f"image folder: channels must be 1 or 3, got {channels}")
+    images, labels = [], []
+    for label, name in enumerate(classes):
+        for path in sorted((root / name).iterdir()):
+            if path.suffix.lower() not in IMAGE_SUFFIXES:
+                continue
+            try:
+                with Image.open(path) as img:
+                    img = img.convert(mode)
+                    scale = size / min(img.size)
+                    img = img.resize((max(size, round(img.width * scale)),
+                                      max(size, round(img.height * scale))))
+                    left, top = (img.width - size) // 2, (img.height - size) // 2
+                    img = img.crop((left, top, left + size, top + size))
+                    array = np.asarray(img, dtype=np.uint8).reshape(size, size, channels)
+            except (UnidentifiedImageError, OSError) as exc:
+                raise DataError(f"{path}: not a readable image ({exc})") from None
+            images.append(torch.from_numpy(array.copy()).permute(2, 0, 1))
+            labels.append(label)
+    if not images:
+        raise DataError(f"{root}: no images found (suffixes {sorted(IMAGE_SUFFIXES)})")
+    stack = torch.stack(images)
+    if mean is None or std is None:  # statistics of the folder itself
+        flat = stack.float().div(255).transpose(0, 1).reshape(channels, -1)
+        mean, std = tuple(flat.mean(1).tolist()), tuple(flat.std(1).clamp_min(1e-6).tolist())
+    return ImageDataset(stack, torch.tensor(labels), tuple(mean), tuple(std), tuple(classes))
+
+
+@dataclasses.dataclass
+class Splits:
+    """The three splits every command uses: train (minus validation), validation, test."""
+
+    train: ImageDataset
+    val: ImageDataset
+    test: ImageDataset
+
+
+def _is_image_folder(directory: Path) -> bool:
+    return (directory / "train").is_dir() or (directory / "test").is_dir()
+
+
+def load_splits(data_dir: str | os.PathLike | None = None, image_size: int = 224,
+                val_size: int = VALIDATION_SIZE) -> Splits:
+    """Fashion-MNIST IDX files, or an image folder with ``train/`` and ``test/`` (``val/``
+    optional; carved from train when absent) of class subfolders."""
+    directory = resolve_data_dir(data_dir)
+    if _is_image_folder(directory):
+        missing = [p for p in ("train", "test") if not (directory / p).is_dir()]
+        if missing:
+            raise DataError(f"{directory}: image folder lacks {', '.join(missing)}/")
+        train = load_image_folder(directory / "train", image_size)
+        kwargs = {"mean": train.mean, "std": train.std}
+        test = load_image_folder(directory / "test", image_size, train.images.shape[1], **kwargs)
+        if (directory / "val").is_dir():
+            val = load_image_folder(directory / "val", image_size, train.images.shape[1],
+                                    **kwargs)
+        else:
+            train, val = train_val_split(train, min(val_size, len(train) // 10 or 1))
+        return Splits(train, val, test)
+    train, val = train_val_split(load_fashion_mnist("train", directory), val_size)
+    return Splits(train, val, load_fashion_mnist("test", directory))

@@ -1,0 +1,43 @@
+"""Top-1 / top-5 accuracy of a model on a dataset."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import torch
+from torch import nn
+
+from logquant.data import ImageDataset
+
+
+@dataclasses.dataclass(frozen=True)
+class Accuracy:
+    top1: float  # percent
+    top5: float  # percent
+    count: int
+
+    def as_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, dataset: ImageDataset, batch_size: int = 500,
+             device: str | torch.device = "cpu", progress: bool = False) -> Accuracy:
+    """Accuracy in percent over the whole dataset (model put in eval mode)."""
+    model.eval()
+    correct1 = correct5 = 0
+    batches = dataset.batches(batch_size, device)
+    if progress:
+        from tqdm import tqdm
+
+        batches = tqdm(batches, total=-(-len(dataset) // batch_size), desc="eval",
+                       leave=False)
+    for inputs, labels in batches:
+        logits = model(inputs)
+        k = min(5, logits.shape[1])
+        top = logits.topk(k, dim=1).indices  # (B, k)
+        hits = top == labels[:, None]
+        correct1 += int(hits[:, 0].sum())
+        correct5 += int(hits.any(dim=1).sum())
+    n = max(len(dataset), 1)
+    return Accuracy(100.0 * correct1 / n, 100.0 * correct5 / n, len(dataset))
