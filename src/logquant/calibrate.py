@@ -77,11 +77,12 @@ def choose_fsr(stats: TensorStats, fmt: Format, method: str, percentile: float =
         return fsr_covering(float(magnitudes.kthvalue(k).values))
     if method == "mse":
         best, best_err = fsr_max, math.inf
-        sample64 = sample.double()
+        sample64 = sample.double()  # errors summed in float64; quantized values are exact
         for fsr in range(fsr_max + 1, fsr_max - MSE_SEARCH_BELOW - 1, -1):
             if not FSR_MIN <= fsr <= FSR_MAX:
                 continue
-            err = float((fmt.with_fsr(fsr).quantize(sample64) - sample64).square().sum())
+            quantized = fmt.with_fsr(fsr).quantize(sample).double()
+            err = float((quantized - sample64).square().sum())
             if err < best_err:  # strict: ties keep the larger FSR (less clipping)
                 best, best_err = fsr, err
         return best

@@ -79,6 +79,15 @@ def build_parser() -> argparse.ArgumentParser:
                    help="where accuracy is measured (calibration always uses val)")
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p.set_defaults(func=cmd_eval)
+
+    p = sub.add_parser("compare", help="log vs linear table: float, activations, weights")
+    _add_common(p)
+    p.add_argument("--checkpoint", default=None, help="weights file (default: bundled)")
+    p.add_argument("--fsr-method", choices=("max", "percentile", "mse"), default="mse",
+                   help="how each layer's FSR is picked on validation images")
+    p.add_argument("--calib-batches", type=_positive_int, default=8)
+    p.add_argument("--json-out", default=None, help="also write the results to this file")
+    p.set_defaults(func=cmd_compare)
     return parser
 
 
@@ -185,6 +194,27 @@ def cmd_eval(args: argparse.Namespace, argv: list[str]) -> int:
         label = "float" if config.is_float else "quantized"
         print(f"{args.model} ({label}) on {args.split} ({acc.count} images): "
               f"top-1 {acc.top1:.2f} %  top-5 {acc.top5:.2f} %")
+    return 0
+
+
+def cmd_compare(args: argparse.Namespace, argv: list[str]) -> int:
+    from logquant.data import load_splits
+    from logquant.experiments import format_table, paper_rows, run_table
+    from logquant.io import write_json_atomic
+    from logquant.models import load_model
+
+    device = _device(args.device)
+    splits = load_splits(args.data_dir, args.image_size)
+    model = load_model(args.model, args.checkpoint, len(splits.train.classes),
+                       splits.train.images.shape[1]).to(device)
+    results = run_table(model, splits, paper_rows(args.fsr_method), batch_size=args.batch_size,
+                        calib_batches=args.calib_batches, device=device)
+    print(f"{args.model} on the {len(splits.test)}-image test split; FSRs by "
+          f"{args.fsr_method} on validation images")
+    print(format_table(results))
+    if args.json_out:
+        write_json_atomic(args.json_out, {"command": "logquant " + shlex.join(argv),
+                                          "results": results})
     return 0
 
 

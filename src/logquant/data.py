@@ -210,7 +210,8 @@ def _is_image_folder(directory: Path) -> bool:
 def load_splits(data_dir: str | os.PathLike | None = None, image_size: int = 224,
                 val_size: int = VALIDATION_SIZE) -> Splits:
     """Fashion-MNIST IDX files, or an image folder with ``train/`` and ``test/`` (``val/``
-    optional; carved from train when absent) of class subfolders."""
+    optional) of class subfolders. Validation is carved from train: ``val_size`` images, or
+    a tenth of train when that is smaller."""
     directory = resolve_data_dir(data_dir)
     if _is_image_folder(directory):
         missing = [p for p in ("train", "test") if not (directory / p).is_dir()]
@@ -223,7 +224,8 @@ def load_splits(data_dir: str | os.PathLike | None = None, image_size: int = 224
             val = load_image_folder(directory / "val", image_size, train.images.shape[1],
                                     **kwargs)
         else:
-            train, val = train_val_split(train, min(val_size, len(train) // 10 or 1))
+            train, val = train_val_split(train, min(val_size, max(1, len(train) // 10)))
         return Splits(train, val, test)
-    train, val = train_val_split(load_fashion_mnist("train", directory), val_size)
+    full = load_fashion_mnist("train", directory)
+    train, val = train_val_split(full, min(val_size, max(1, len(full) // 10)))
     return Splits(train, val, load_fashion_mnist("test", directory))

@@ -31,7 +31,7 @@ def evaluate(model: nn.Module, dataset: ImageDataset, batch_size: int = 500,
         from tqdm import tqdm
 
         batches = tqdm(batches, total=-(-len(dataset) // batch_size), desc="eval",
-                       leave=False)
+                       leave=False, disable=None)  # None: only on a terminal
     for inputs, labels in batches:
         logits = model(inputs)
         k = min(5, logits.shape[1])

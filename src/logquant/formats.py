@@ -10,6 +10,7 @@ Large tensors go through a ``torch.compile``-fused kernel (one memory pass); sma
 from __future__ import annotations
 
 import dataclasses
+import logging
 import math
 import os
 import re
@@ -176,6 +177,8 @@ def _run(kernel: Callable, x: torch.Tensor, *args):
         return kernel(x, *args)
     fn = _compiled.get(kernel.__name__)
     if fn is None:
+        # CPU-only machines: inductor warns once that no CUDA runtime exists; irrelevant here
+        logging.getLogger("torch.utils.cpp_extension").setLevel(logging.ERROR)
         fn = _compiled[kernel.__name__] = torch.compile(kernel, dynamic=True)
     try:
         return fn(x.reshape(-1), *args).view(x.shape)

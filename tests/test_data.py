@@ -1,0 +1,92 @@
+"""Fashion-MNIST IDX reading, splits, malformed files and image folders."""
+
+import gzip
+
+import numpy as np
+import pytest
+import torch
+
+from conftest import write_idx
+from logquant.data import DataError, load_fashion_mnist, load_splits, read_idx
+
+
+def test_real_fashion_mnist_splits(fashion):
+    assert fashion.train.images.shape == (55_000, 1, 28, 28)
+    assert fashion.val.images.shape == (5_000, 1, 28, 28)
+    assert fashion.test.images.shape == (10_000, 1, 28, 28)
+    assert fashion.test.images.dtype == torch.uint8
+    assert set(fashion.test.labels.unique().tolist()) == set(range(10))
+    # the validation split is carved from train, disjoint from what remains, deterministic
+    again = load_splits()
+    assert torch.equal(again.val.images, fashion.val.images)
+    train_rows = {row.numpy().tobytes() for row in fashion.train.images[:20_000]}
+    assert not any(row.numpy().tobytes() in train_rows for row in fashion.val.images[:500])
+
+
+def test_normalized_batches(fashion):
+    inputs, labels = next(fashion.test.batches(64))
+    assert inputs.shape == (64, 1, 28, 28) and inputs.dtype == torch.float32
+    assert labels.shape == (64,)
+    # normalization uses the training statistics: the training images come out near N(0, 1)
+    train_inputs = fashion.train.normalize(fashion.train.images[:5000])
+    assert abs(float(train_inputs.mean())) < 0.05 and abs(float(train_inputs.std()) - 1) < 0.05
+
+
+def test_environment_variable_points_at_the_data(small_fashion_dir, monkeypatch):
+    monkeypatch.setenv("LOGQUANT_DATA_DIR", str(small_fashion_dir))
+    splits = load_splits()
+    assert (len(splits.train), len(splits.val), len(splits.test)) == (1800, 200, 500)
+
+
+@pytest.mark.parametrize("corruption, message", [
+    (lambda raw: raw[:-10], "header says"),
+    (lambda raw: b"\x01\x02" + raw[2:], "bad magic"),
+    (lambda raw: raw[:2] + b"\x0d" + raw[3:], "not unsigned byte"),
+    (lambda raw: raw[:6], "truncated IDX header"),
+])
+def test_malformed_idx_files_name_the_file(tmp_path, corruption, message):
+    good = tmp_path / "good-idx3-ubyte"
+    write_idx(good, np.zeros((3, 4, 4), np.uint8))
+    raw = gzip.decompress(good.read_bytes())
+    bad = tmp_path / "bad-idx3-ubyte"
+    bad.write_bytes(corruption(raw))
+    with pytest.raises(DataError, match=message) as info:
+        read_idx(bad)
+    assert str(bad) in str(info.value)
+
+
+def test_corrupt_gzip_and_missing_files(tmp_path):
+    (tmp_path / "train-images-idx3-ubyte.gz").write_bytes(b"\x1f\x8b" + b"junk" * 10)
+    with pytest.raises(DataError, match="corrupt gzip"):
+        read_idx(tmp_path / "train-images-idx3-ubyte.gz")
+    with pytest.raises(DataError, match="train-labels-idx1-ubyte.*not found"):
+        load_fashion_mnist("train", tmp_path)
+    with pytest.raises(DataError, match="data directory not found"):
+        load_fashion_mnist("test", tmp_path / "nowhere")
+
+
+def test_label_count_must_match_images(tmp_path):
+    write_idx(tmp_path / "t10k-images-idx3-ubyte", np.zeros((5, 28, 28), np.uint8))
+    write_idx(tmp_path / "t10k-labels-idx1-ubyte", np.zeros((4,), np.uint8))
+    with pytest.raises(DataError, match="expected 5 labels"):
+        load_fashion_mnist("test", tmp_path)
+
+
+def test_image_folder(tmp_path):
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    for part, count in (("train", 20), ("test", 4)):
+        for cls in ("cat", "dog"):
+            folder = tmp_path / part / cls
+            folder.mkdir(parents=True)
+            for i in range(count):
+                pixels = rng.integers(0, 255, (40, 50, 3), dtype=np.uint8)
+                Image.fromarray(pixels).save(folder / f"{i}.png")
+    splits = load_splits(tmp_path, image_size=32)
+    assert splits.train.classes == ("cat", "dog")
+    assert splits.train.images.shape[1:] == (3, 32, 32)
+    assert len(splits.train) + len(splits.val) == 40 and len(splits.test) == 8
+    (tmp_path / "train" / "cat" / "broken.png").write_bytes(b"not a png")
+    with pytest.raises(DataError, match="broken.png"):
+        load_splits(tmp_path, image_size=32)
