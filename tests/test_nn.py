@@ -57,3 +57,17 @@ def test_qat_style_weight_quantization_has_gradients():
     assert lin.weight.grad is not None and lin.weight.grad.abs().sum() > 0
     lin.freeze_weight()
     assert torch.equal(lin.weight, parse_format("log4s@fsr0").quantize(lin.weight))
+
+
+def test_inference_scratch_buffer_is_reused_only_without_autograd():
+    q = Quantizer(parse_format("log3@fsr1"))
+    x, y = torch.rand(4, 8) * 2, torch.rand(4, 8) * 2
+    with torch.no_grad():
+        first = q(x, scratch=True)
+        expected_first = first.clone()
+        second = q(y, scratch=True)
+    assert second.data_ptr() == first.data_ptr()  # one buffer, reused
+    assert torch.equal(expected_first, q(x)) and torch.equal(second, q(y))
+    x.requires_grad_(True)
+    out = q(x, scratch=True)  # autograd on: a fresh tensor that backward can rely on
+    assert out.data_ptr() != first.data_ptr() and out.requires_grad

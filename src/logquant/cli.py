@@ -91,6 +91,26 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _load_checked_model(args: argparse.Namespace, splits, device: torch.device):
+    """The model with its weights, after one tiny forward pass proves it fits the data."""
+    from logquant.models import load_model
+
+    model = load_model(args.model, args.checkpoint, len(splits.train.classes),
+                       splits.train.images.shape[1]).to(device)
+    probe = splits.val.normalize(splits.val.images[:2].to(device))
+    try:
+        with torch.no_grad():
+            out = model(probe)
+    except Exception as exc:  # any shape/dtype mismatch between model and data
+        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+        raise LogquantError(f"--model {args.model} cannot run on this data (inputs of shape "
+                            f"{tuple(probe.shape)}): {first}") from None
+    if out.ndim != 2 or out.shape[1] < len(splits.train.classes):
+        raise LogquantError(f"--model {args.model} returns shape {tuple(out.shape)}; expected "
+                            f"(batch, {len(splits.train.classes)}) logits")
+    return model
+
+
 def _fsr_method_or_int(text: str) -> str | int:
     from logquant.config import FSR_METHODS
 
@@ -172,13 +192,11 @@ def cmd_eval(args: argparse.Namespace, argv: list[str]) -> int:
     from logquant.convert import describe, quantize_model
     from logquant.data import load_splits
     from logquant.evaluate import evaluate
-    from logquant.models import load_model
 
     config = config_from_args(args)
     device = _device(args.device)
     splits = load_splits(args.data_dir, args.image_size)
-    model = load_model(args.model, args.checkpoint, len(splits.train.classes),
-                       splits.train.images.shape[1]).to(device)
+    model = _load_checked_model(args, splits, device)
     if not config.is_float:
         model = quantize_model(model, config, splits.val.batches(args.batch_size, device),
                                num_batches=args.calib_batches)
@@ -201,12 +219,10 @@ def cmd_compare(args: argparse.Namespace, argv: list[str]) -> int:
     from logquant.data import load_splits
     from logquant.experiments import format_table, paper_rows, run_table
     from logquant.io import write_json_atomic
-    from logquant.models import load_model
 
     device = _device(args.device)
     splits = load_splits(args.data_dir, args.image_size)
-    model = load_model(args.model, args.checkpoint, len(splits.train.classes),
-                       splits.train.images.shape[1]).to(device)
+    model = _load_checked_model(args, splits, device)
     results = run_table(model, splits, paper_rows(args.fsr_method), batch_size=args.batch_size,
                         calib_batches=args.calib_batches, device=device)
     print(f"{args.model} on the {len(splits.test)}-image test split; FSRs by "

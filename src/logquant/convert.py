@@ -41,27 +41,30 @@ def _fold_sequential_pairs(model: nn.Module) -> int:
     return folded
 
 
+def _has_batchnorm(model: nn.Module) -> bool:
+    return any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules())
+
+
 def fold_batchnorm(model: nn.Module) -> nn.Module:
     """A copy of ``model`` (eval mode) with each BatchNorm folded into the conv before it.
 
-    Uses torch.fx to find conv -> bn edges anywhere in the graph (ResNet's, MobileNet's);
-    models fx cannot trace fall back to folding adjacent pairs inside nn.Sequential.
+    Adjacent pairs inside nn.Sequential are folded in place (the module tree, and its
+    speed, stay as they were); any BatchNorm left (ResNet's, MobileNet's) is found on the
+    torch.fx graph. Models fx cannot trace keep those BatchNorms in float, with a warning.
     """
     model = copy.deepcopy(model).eval()
-    if not any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules()):
+    _fold_sequential_pairs(model)
+    if not _has_batchnorm(model):
         return model
     try:
         from torch.fx.experimental.optimization import fuse
 
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            fused = fuse(model, inplace=True)
-        return fused
-    except Exception:  # untraceable control flow: do what the module structure shows
-        _fold_sequential_pairs(model)
-        if any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules()):
-            warnings.warn("logquant: some BatchNorm layers could not be folded (model not "
-                          "traceable by torch.fx); they stay in float", stacklevel=2)
+            return fuse(model, inplace=True)
+    except Exception:  # untraceable control flow
+        warnings.warn("logquant: some BatchNorm layers could not be folded (model not "
+                      "traceable by torch.fx); they stay in float", stacklevel=2)
         return model
 
 

@@ -161,10 +161,22 @@ _compiled: dict[str, Callable] = {}
 _compile_failed = False
 
 
-def _run(kernel: Callable, x: torch.Tensor, *args):
+def _write_into(kernel: Callable) -> Callable:
+    """``kernel`` storing its result into ``out``: fused, this writes ``out`` directly."""
+
+    def into(x: torch.Tensor, *args, out: torch.Tensor) -> torch.Tensor:
+        out.copy_(kernel(x, *args))
+        return out
+
+    into.__name__ = f"{kernel.__name__}_into"
+    return into
+
+
+def _run(kernel: Callable, x: torch.Tensor, *args, out: torch.Tensor | None = None):
     """Run ``kernel`` fused by torch.compile for large tensors, eagerly otherwise.
 
-    Both paths execute the same integer code, so results are bit-identical (tested).
+    Both paths execute the same integer code, so results are bit-identical (tested). With
+    ``out`` the result is written into that tensor (same shape and dtype as the result).
     """
     global _compile_failed
     use_compiled = (
@@ -174,19 +186,24 @@ def _run(kernel: Callable, x: torch.Tensor, *args):
         and not torch.compiler.is_compiling()
     )
     if not use_compiled:
-        return kernel(x, *args)
-    fn = _compiled.get(kernel.__name__)
+        result = kernel(x, *args)
+        return result if out is None else out.copy_(result)
+    target = kernel if out is None else _write_into(kernel)
+    fn = _compiled.get(target.__name__)
     if fn is None:
         # CPU-only machines: inductor warns once that no CUDA runtime exists; irrelevant here
         logging.getLogger("torch.utils.cpp_extension").setLevel(logging.ERROR)
-        fn = _compiled[kernel.__name__] = torch.compile(kernel, dynamic=True)
+        fn = _compiled[target.__name__] = torch.compile(target, dynamic=True)
     try:
-        return fn(x.reshape(-1), *args).view(x.shape)
+        if out is None:
+            return fn(x.reshape(-1), *args).view(x.shape)
+        fn(x.reshape(-1), *args, out=out.view(-1))
+        return out
     except Exception as exc:  # no C compiler, unsupported backend, ...: stay correct, go slow
         _compile_failed = True
         warnings.warn(f"logquant: torch.compile unavailable ({exc.__class__.__name__}); "
                       "using the eager kernels", RuntimeWarning, stacklevel=3)
-        return kernel(x, *args)
+        return _run(kernel, x, *args, out=out)
 
 
 # ----------------------------------------------------------------------------------------
@@ -289,14 +306,24 @@ class _Format:
             raise FormatError(f"{self.name}: cannot encode NaN (found in {name})")
         return self._apply(x, encode=True).to(torch.uint8)
 
-    def quantize(self, x: torch.Tensor) -> torch.Tensor:
-        """decode(encode(x)) without the codes: the float simulation; NaN stays NaN."""
-        x = _as_float(x, self.name)
-        if x.dtype in (torch.float32, torch.float64):
-            return self._apply(x, encode=False)
-        return self._apply(x.float(), encode=False).to(x.dtype)
+    def quantize(self, x: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+        """decode(encode(x)) without the codes: the float simulation; NaN stays NaN.
 
-    def _apply(self, x: torch.Tensor, encode: bool) -> torch.Tensor:
+        ``out`` (contiguous, x's shape and dtype) receives the result without a new
+        allocation; inference reuses such buffers, since fresh large tensors cost page faults.
+        """
+        x = _as_float(x, self.name)
+        if out is not None and (out.shape != x.shape or out.dtype != x.dtype
+                                or not out.is_contiguous()):
+            raise FormatError(f"{self.name}: out must be contiguous with shape "
+                              f"{tuple(x.shape)} and dtype {x.dtype}")
+        if x.dtype in (torch.float32, torch.float64):
+            return self._apply(x, encode=False, out=out)
+        result = self._apply(x.float(), encode=False).to(x.dtype)
+        return result if out is None else out.copy_(result)
+
+    def _apply(self, x: torch.Tensor, encode: bool,
+               out: torch.Tensor | None = None) -> torch.Tensor:
         raise NotImplementedError
 
 
@@ -391,15 +418,19 @@ class LogFormat(_Format):
                   lay.bits(lay.bias + 1), p, (1 << p) - 1, 1 << p, info.min, info.max]
         return torch.tensor(values, dtype=lay.int_dtype)
 
-    def _apply(self, x: torch.Tensor, encode: bool) -> torch.Tensor:
+    def _apply(self, x: torch.Tensor, encode: bool,
+               out: torch.Tensor | None = None) -> torch.Tensor:
         self._fixed_fsr()
         lay = F64 if x.dtype == torch.float64 or self._params[F32] is None else F32
         params = self._params[lay]
         if params is None:
             raise FormatError(f"{self.name}: levels outside the float64 range")
-        xin = x.to(lay.float_dtype)
-        out = _run(_log_kernel, xin, params.to(x.device), self.signed, encode)
-        return out if encode else out.to(x.dtype)
+        params = params.to(x.device)
+        if lay.float_dtype == x.dtype:
+            return _run(_log_kernel, x, params, self.signed, encode, out=out)
+        result = _run(_log_kernel, x.to(lay.float_dtype), params, self.signed, encode)
+        result = result if encode else result.to(x.dtype)
+        return result if out is None else out.copy_(result)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -418,11 +449,12 @@ class LinearFormat(_Format):
     def magnitudes(self) -> list[float]:
         return [k * self.step for k in range(1 << self.magnitude_bits)]
 
-    def _apply(self, x: torch.Tensor, encode: bool) -> torch.Tensor:
+    def _apply(self, x: torch.Tensor, encode: bool,
+               out: torch.Tensor | None = None) -> torch.Tensor:
         step = self.step
         params = torch.tensor([1.0 / step, step, (1 << self.magnitude_bits) - 1],
                               dtype=x.dtype, device=x.device)
-        return _run(_linear_kernel, x, params, self.signed, encode)
+        return _run(_linear_kernel, x, params, self.signed, encode, out=out)
 
 
 Format = LogFormat | LinearFormat

@@ -55,6 +55,7 @@ class Quantizer(nn.Module):
         fsr = spec.fsr if fsr is None and spec is not None else fsr
         self.register_buffer("fsr", torch.tensor(0 if fsr is None else fsr, dtype=torch.int64))
         self.register_buffer("calibrated", torch.tensor(fsr is not None))
+        self._scratch: torch.Tensor | None = None  # reused inference output, see forward
         self._refresh()
 
     def _refresh(self) -> None:
@@ -75,12 +76,21 @@ class Quantizer(nn.Module):
         super()._load_from_state_dict(*args, **kwargs)
         self._refresh()
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, scratch: bool = False) -> torch.Tensor:
+        """Quantize ``x``. ``scratch=True`` lets inference write into a buffer this module
+        reuses across calls: only for callers that consume the result before the next call
+        (conv/linear inputs do) and never while autograd records."""
         if self.spec is None:
             return x
         if self._format is None:
             raise RuntimeError(f"quantizer {self.spec.name} has no FSR yet: calibrate it "
                                "(quantize_model / prepare_qat do) or call set_fsr()")
+        if scratch and not torch.is_grad_enabled() and not torch.compiler.is_compiling():
+            buffer = self._scratch
+            if (buffer is None or buffer.shape != x.shape or buffer.dtype != x.dtype
+                    or buffer.device != x.device):
+                buffer = self._scratch = torch.empty_like(x, memory_format=torch.contiguous_format)
+            return self._format.quantize(x, out=buffer)
         return fake_quantize(x, self._format, self.clip_ste)
 
     def extra_repr(self) -> str:
@@ -125,7 +135,8 @@ class QConv2d(_QuantizedLayer, nn.Conv2d):
         self._init_quantizers(weight_format, act_format)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self._conv_forward(self.input_quant(x), self.quantized_weight(), self.bias)
+        xq = self.input_quant(x, scratch=True)  # consumed right here: a reusable buffer
+        return self._conv_forward(xq, self.quantized_weight(), self.bias)
 
     @classmethod
     def from_float(cls, module: nn.Conv2d, weight_format=None, act_format=None) -> QConv2d:
@@ -148,7 +159,7 @@ class QLinear(_QuantizedLayer, nn.Linear):
         self._init_quantizers(weight_format, act_format)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.linear(self.input_quant(x), self.quantized_weight(), self.bias)
+        return F.linear(self.input_quant(x, scratch=True), self.quantized_weight(), self.bias)
 
     @classmethod
     def from_float(cls, module: nn.Linear, weight_format=None, act_format=None) -> QLinear:

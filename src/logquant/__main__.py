@@ -1,0 +1,5 @@
+import sys
+
+from logquant.cli import main
+
+sys.exit(main())
