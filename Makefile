@@ -1,0 +1,25 @@
+# make demo: the main job (reference model accuracy, then the log-vs-linear table)
+# make test: lint + every test, the slow end-to-end ones included (what CI runs)
+VENV := .venv
+PY := $(VENV)/bin/python
+
+.PHONY: setup demo test test-fast lint bench
+
+setup:
+	bash scripts/setup.sh
+
+demo: setup
+	$(VENV)/bin/logquant eval
+	$(VENV)/bin/logquant compare --json-out runs/compare.json
+
+lint: setup
+	$(VENV)/bin/ruff check src tests benchmarks
+
+test-fast: setup
+	$(PY) -m pytest -q
+
+test: lint
+	$(PY) -m pytest -q -m "slow or not slow"
+
+bench: setup
+	$(PY) benchmarks/bench_formats.py
