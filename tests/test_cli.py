@@ -137,3 +137,24 @@ def test_console_entry_point_is_a_real_process():
                           capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2
     assert proc.stderr.strip().startswith("error:") and "Traceback" not in proc.stderr
+
+
+def test_torchvision_model_on_an_image_folder(capsys, tmp_path):
+    torchvision = pytest.importorskip("torchvision")
+    from PIL import Image
+
+    gen = torch.Generator().manual_seed(0)
+    for part, count in (("train", 12), ("test", 6)):
+        for cls in ("a", "b", "c"):
+            (tmp_path / "data" / part / cls).mkdir(parents=True)
+            for i in range(count):
+                pixels = torch.randint(0, 256, (36, 36, 3), generator=gen, dtype=torch.uint8)
+                Image.fromarray(pixels.numpy()).save(tmp_path / "data" / part / cls / f"{i}.png")
+    weights = tmp_path / "resnet18.pt"
+    torch.save(torchvision.models.resnet18(num_classes=3).state_dict(), weights)
+    code, out, err = run(capsys, "eval", "--model", "resnet18", "--checkpoint", str(weights),
+                         "--data-dir", str(tmp_path / "data"), "--image-size", "32",
+                         "--weights", "logsqrt2-5", "--acts", "log4", "--json")
+    assert code == 0, err
+    result = json.loads(out)
+    assert result["count"] == 18 and len(result["layers"]) == 21  # 20 convs + fc

@@ -41,6 +41,8 @@ class TensorStats:
             self.max_abs = max(self.max_abs, float(finite.abs().max()))
             self.min = min(self.min, float(finite.min()))
         self.count += flat.numel()
+        if finite.numel() == 0:
+            return
         room = self.limit - self._kept
         if room <= 0:  # keep the sample unbiased across batches: replace a random part
             keep = self.limit // 8

@@ -275,8 +275,9 @@ class _Format:
         values = sorted(set(mags) | ({-v for v in mags} if self.signed else set()))
         return torch.tensor(values, dtype=torch.float64)
 
-    @property
+    @cached_property
     def max_value(self) -> float:
+        """The largest representable magnitude (the STE's saturation point)."""
         return self.magnitudes()[-1]
 
     def _table(self, dtype: torch.dtype, device) -> torch.Tensor:
