@@ -51,8 +51,9 @@ def main() -> None:
     args = parser.parse_args()
 
     from logquant.config import QuantConfig
-    from logquant.convert import fold_batchnorm, quantize_model
+    from logquant.convert import quantize_model
     from logquant.data import load_splits
+    from logquant.fold import fold_batchnorm
     from logquant.formats import parse_format
     from logquant.models import load_model
 

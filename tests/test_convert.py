@@ -8,8 +8,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from logquant.config import ConfigError, QuantConfig
-from logquant.convert import describe, fold_batchnorm, quantize_model
+from logquant.convert import describe, quantize_model
 from logquant.errors import LogquantError
+from logquant.fold import fold_batchnorm
 from logquant.models import RefCNN
 from logquant.nn import QConv2d, QLinear
 
@@ -158,3 +159,18 @@ def test_torchvision_architectures(name, size):
     assert out.shape == ref.shape and torch.isfinite(out).all()
     # coarse formats change the numbers, but not beyond the scale of the float output
     assert float((out - ref).abs().mean()) < 2 * float(ref.abs().mean()) + 1e-3, name
+
+
+def test_prepared_model_takes_configurations_in_turn():
+    """Reapplying configurations (as sweeps do) equals quantizing from scratch each time."""
+    from logquant.convert import PreparedModel
+
+    model = _trained_like(RefCNN())
+    calibration, x = _calibration(), _calibration(seed=9)[0]
+    prepared = PreparedModel(model, calibration, cache_weights=True)
+    configs = [LOG, QuantConfig(acts="lin4@fsr2"), QuantConfig(conv_weights="logsqrt2-4"), LOG]
+    with torch.no_grad():
+        for config in configs:
+            expected = quantize_model(model, config, calibration)(x)
+            assert torch.equal(prepared.apply(config)(x), expected), config
+    assert describe(prepared.model) == describe(quantize_model(model, LOG, calibration))

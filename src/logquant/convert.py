@@ -1,4 +1,4 @@
-"""Model conversion: BatchNorm folding, calibration, and swapping conv/linear for quantized ones.
+"""Model conversion: calibration, and swapping conv/linear for quantized ones.
 
 ``quantize_model(model, config, calibration_data)`` is the one post-training entry point; it
 works on any nn.Module whose conv/linear layers are modules (functional relu, residual adds,
@@ -7,8 +7,6 @@ grouped and depthwise convs included) and never modifies the model it is given.
 
 from __future__ import annotations
 
-import copy
-import warnings
 from collections.abc import Iterable
 from typing import Any
 
@@ -19,53 +17,9 @@ from logquant.calibrate import TensorStats, choose_fsr, stats_of
 from logquant.config import ConfigError, QuantConfig
 from logquant.data import ImageDataset
 from logquant.errors import LogquantError
+from logquant.fold import fold_batchnorm
 from logquant.formats import Format
 from logquant.nn import QUANTIZED_TYPES, Quantizer, _QuantizedLayer
-
-
-def _fold_sequential_pairs(model: nn.Module) -> int:
-    """Fold Conv2d -> BatchNorm2d pairs that follow each other inside nn.Sequential."""
-    from torch.nn.utils.fusion import fuse_conv_bn_eval
-
-    folded = 0
-    for module in list(model.modules()):
-        if not isinstance(module, nn.Sequential):
-            continue
-        names = list(module._modules)
-        for first, second in zip(names, names[1:]):
-            conv, bn = module._modules[first], module._modules[second]
-            if type(conv) is nn.Conv2d and type(bn) is nn.BatchNorm2d:
-                module._modules[first] = fuse_conv_bn_eval(conv, bn)
-                module._modules[second] = nn.Identity()
-                folded += 1
-    return folded
-
-
-def _has_batchnorm(model: nn.Module) -> bool:
-    return any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules())
-
-
-def fold_batchnorm(model: nn.Module) -> nn.Module:
-    """A copy of ``model`` (eval mode) with each BatchNorm folded into the conv before it.
-
-    Adjacent pairs inside nn.Sequential are folded in place (the module tree, and its
-    speed, stay as they were); any BatchNorm left (ResNet's, MobileNet's) is found on the
-    torch.fx graph. Models fx cannot trace keep those BatchNorms in float, with a warning.
-    """
-    model = copy.deepcopy(model).eval()
-    _fold_sequential_pairs(model)
-    if not _has_batchnorm(model):
-        return model
-    try:
-        from torch.fx.experimental.optimization import fuse
-
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            return fuse(model, inplace=True)
-    except Exception:  # untraceable control flow
-        warnings.warn("logquant: some BatchNorm layers could not be folded (model not "
-                      "traceable by torch.fx); they stay in float", stacklevel=2)
-        return model
 
 
 def quantizable_layers(model: nn.Module) -> dict[str, tuple[nn.Module, str]]:
@@ -123,17 +77,6 @@ def _signed_for(fmt: Format, needs_sign: bool, what: str) -> Format:
     return fmt
 
 
-def _resolve(fmt: Format | None, stats: TensorStats, method: str, percentile: float,
-             what: str) -> Format | None:
-    """Give ``fmt`` its sign (from the data) and FSR (fixed, or calibrated by ``method``)."""
-    if fmt is None:
-        return None
-    fmt = _signed_for(fmt, stats.has_negative, what)
-    if fmt.fsr is not None:
-        return fmt
-    return fmt.with_fsr(choose_fsr(stats, fmt, method, percentile))
-
-
 def check_layer_names(config: QuantConfig, layers: dict) -> None:
     unknown = sorted(config.layer_names() - set(layers))
     if unknown:
@@ -142,38 +85,107 @@ def check_layer_names(config: QuantConfig, layers: dict) -> None:
                           f"layers are: {available}")
 
 
+class PreparedModel:
+    """A BN-folded copy of a float model, every conv/linear wrapped, plus its calibration.
+
+    ``apply(config)`` sets the formats of every layer and returns the model; it can be
+    called again with another configuration (sweeps do, hundreds of times), reusing the
+    calibration statistics, the calibrated FSRs and (with ``cache_weights``) the quantized
+    weights instead of recomputing them.
+    """
+
+    def __init__(self, model: nn.Module, calibration_data: Any, *,
+                 num_batches: int | None = None, cache_weights: bool = False):
+        if calibration_data is None:
+            raise LogquantError("quantization needs calibration_data (a few batches of inputs)")
+        self.model = fold_batchnorm(model)
+        found = quantizable_layers(self.model)
+        if not found:
+            raise LogquantError("the model has no Conv2d or Linear layers to quantize")
+        self.act_stats, self.order = collect_input_stats(self.model, calibration_data, found,
+                                                         num_batches)
+        self.kinds = {name: kind for name, (_, kind) in found.items()}
+        self.layers: dict[str, _QuantizedLayer] = {}
+        self.float_weights: dict[str, torch.Tensor] = {}
+        for name, (module, _) in found.items():
+            qmodule = QUANTIZED_TYPES[type(module)][0].from_float(module)
+            _replace(self.model, name, qmodule)
+            self.layers[name] = qmodule
+            self.float_weights[name] = module.weight.detach().clone()
+        self.cache_weights = cache_weights
+        self._weight_stats: dict[str, TensorStats] = {}
+        self._fsrs: dict[tuple, int] = {}
+        self._weights: dict[tuple[str, str], torch.Tensor] = {}
+
+    @property
+    def first_layer(self) -> str | None:
+        return self.order[0] if self.order else None
+
+    def _calibrated(self, fmt: Format | None, stats: TensorStats, method: str,
+                    percentile: float, what: str) -> Format | None:
+        """``fmt`` with its sign (from the data) and FSR (fixed, or calibrated; memoized)."""
+        if fmt is None:
+            return None
+        fmt = _signed_for(fmt, stats.has_negative, what)
+        if fmt.fsr is not None:
+            return fmt
+        key = (what, fmt.name, method, percentile if method == "percentile" else None)
+        if key not in self._fsrs:
+            self._fsrs[key] = choose_fsr(stats, fmt, method, percentile)
+        return fmt.with_fsr(self._fsrs[key])
+
+    def resolve(self, config: QuantConfig) -> dict[str, tuple[Format | None, Format | None]]:
+        """Per layer: the complete (weight format, input format) that ``config`` gives."""
+        check_layer_names(config, self.layers)
+        resolved = {}
+        for name, kind in self.kinds.items():
+            if name not in self._weight_stats:
+                self._weight_stats[name] = stats_of(self.float_weights[name])
+            weight_fmt = self._calibrated(config.weight_format(name, kind),
+                                          self._weight_stats[name], config.weight_fsr,
+                                          config.percentile, f"{name}.weight")
+            act_fmt = config.act_format(name)
+            if name == self.first_layer and not config.quantize_first_input:
+                act_fmt = None
+            act_fmt = self._calibrated(act_fmt, self.act_stats[name], config.act_fsr,
+                                       config.percentile, f"{name} input")
+            resolved[name] = (weight_fmt, act_fmt)
+        return resolved
+
+    def _quantized_weight(self, name: str, fmt: Format | None) -> torch.Tensor:
+        if fmt is None:
+            return self.float_weights[name]
+        key = (name, fmt.name)
+        cached = self._weights.get(key)
+        if cached is None:
+            cached = fmt.quantize(self.float_weights[name])
+            if self.cache_weights:
+                self._weights[key] = cached
+        return cached
+
+    @torch.no_grad()
+    def apply(self, config: QuantConfig) -> nn.Module:
+        """Give every layer its formats under ``config``; returns the (same) model."""
+        for name, (weight_fmt, act_fmt) in self.resolve(config).items():
+            layer = self.layers[name]
+            layer.weight_quant = Quantizer(weight_fmt)
+            layer.input_quant = Quantizer(act_fmt)
+            layer.weight.copy_(self._quantized_weight(name, weight_fmt))
+            layer.weight_frozen.fill_(True)
+        self.model.logquant_config = config
+        return self.model.eval()
+
+
 def quantize_model(model: nn.Module, config: QuantConfig, calibration_data: Any = None, *,
                    num_batches: int | None = None) -> nn.Module:
     """A copy of ``model`` simulating ``config``'s formats in float (post-training).
 
     BatchNorm is folded first; weights are quantized once with per-layer FSRs; each
     conv/linear input except the first layer's passes an activation quantizer whose sign
-    and FSR come from ``calibration_data`` (needed unless every activation FSR is fixed).
+    and FSR come from ``calibration_data``. The model passed in is never modified.
     """
-    folded = fold_batchnorm(model)
-    layers = quantizable_layers(folded)
-    if not layers:
-        raise LogquantError("the model has no Conv2d or Linear layers to quantize")
-    check_layer_names(config, layers)
-    if calibration_data is None:
-        raise LogquantError("quantize_model needs calibration_data (a few batches of inputs)")
-    act_stats, order = collect_input_stats(folded, calibration_data, layers, num_batches)
-    first = order[0] if order else None
-
-    for name, (module, kind) in layers.items():
-        weight_fmt = _resolve(config.weight_format(name, kind), stats_of(module.weight),
-                              config.weight_fsr, config.percentile, f"{name}.weight")
-        act_fmt = config.act_format(name)
-        if name == first and not config.quantize_first_input:
-            act_fmt = None
-        act_fmt = _resolve(act_fmt, act_stats[name], config.act_fsr, config.percentile,
-                           f"{name} input")
-        qtype = QUANTIZED_TYPES[type(module)][0]
-        qmodule = qtype.from_float(module, weight_format=weight_fmt, act_format=act_fmt)
-        qmodule.freeze_weight()
-        _replace(folded, name, qmodule)
-    folded.logquant_config = config
-    return folded.eval()
+    check_layer_names(config, quantizable_layers(model))  # fail before calibrating
+    return PreparedModel(model, calibration_data, num_batches=num_batches).apply(config)
 
 
 def _replace(root: nn.Module, name: str, new: nn.Module) -> None:
