@@ -1,4 +1,4 @@
-# make demo: the main job (reference model accuracy, then the log-vs-linear table)
+# make demo: the main job (the paper's experiments on the reference model: REPORT.md)
 # make test: lint + every test, the slow end-to-end ones included (what CI runs)
 VENV := .venv
 PY := $(VENV)/bin/python
@@ -9,8 +9,7 @@ setup:
 	bash scripts/setup.sh
 
 demo: setup
-	$(VENV)/bin/logquant eval
-	$(VENV)/bin/logquant compare --json-out runs/compare.json
+	$(VENV)/bin/logquant reproduce --out runs/reproduce
 
 lint: setup
 	$(VENV)/bin/ruff check src tests benchmarks

@@ -15,16 +15,19 @@ def logquant(*argv, timeout=900):
                           text=True, timeout=timeout)
 
 
-def test_main_job_prints_the_log_vs_linear_table(fashion, tmp_path):
-    out_file = tmp_path / "compare.json"
-    proc = logquant("compare", "--json-out", str(out_file))
-    assert proc.returncode == 0, proc.stderr
-    assert re.search(r"^float\s+93\.82%", proc.stdout, re.M), proc.stdout
-    for label in ("activations log3", "activations lin3", "weights logsqrt2-5 conv"):
-        assert label in proc.stdout
-    results = json.loads(out_file.read_text())["results"]
-    assert len(results) == 11 and all(r["count"] == 10_000 for r in results)
-    assert all(0 < r["top1"] <= 100 for r in results)
+def test_main_job_reproduces_the_paper_grid(fashion, tmp_path):
+    """The README's main job on the full data: the whole grid, figures and REPORT.md."""
+    out = tmp_path / "report"
+    proc = logquant("reproduce", "--out", str(out), "--no-progress", timeout=1500)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "float: val" in proc.stdout and "test 93.82 %" in proc.stdout
+    assert re.search(r"^claim1: (HOLDS|PARTLY|DOES NOT HOLD)", proc.stdout, re.M)
+    rows = json.loads((out / "sweep.json").read_text())["rows"]
+    test_rows = [r for r in rows if r["split"] == "test"]
+    assert test_rows and all(r["images"] == 10_000 for r in test_rows)
+    report = (out / "REPORT.md").read_text()
+    for claim in ("Claim 1", "Claim 2", "Claim 3"):
+        assert claim in report
 
 
 def test_training_from_scratch_learns(fashion, tmp_path):

@@ -80,14 +80,28 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p.set_defaults(func=cmd_eval)
 
-    p = sub.add_parser("compare", help="log vs linear table: float, activations, weights")
-    _add_common(p)
-    p.add_argument("--checkpoint", default=None, help="weights file (default: bundled)")
-    p.add_argument("--fsr-method", choices=("max", "percentile", "mse"), default="mse",
-                   help="how each layer's FSR is picked on validation images")
-    p.add_argument("--calib-batches", type=_positive_int, default=8)
-    p.add_argument("--json-out", default=None, help="also write the results to this file")
-    p.set_defaults(func=cmd_compare)
+    for name, help_text in (("sweep", "evaluate the paper's grid of formats and FSRs"),
+                            ("reproduce", "the paper's experiments: sweep, figures, REPORT.md")):
+        p = sub.add_parser(name, help=help_text)
+        _add_common(p)
+        p.add_argument("--checkpoint", default=None, help="weights file (default: bundled)")
+        p.add_argument("--out", required=True, help="output folder (resumed if it holds "
+                       "an earlier run of the same command)")
+        p.add_argument("--fsr-range", type=_fsr_range, default=None, metavar="LO:HI",
+                       help="global activation FSRs to sweep (default: from calibration)")
+        p.add_argument("--fsr-method", choices=("max", "percentile", "mse"), default="mse",
+                       help="per-layer FSR calibration for the calibrated points")
+        p.add_argument("--act-bits", type=_bit_list, default=(3, 4, 5), metavar="3,4,5",
+                       help="activation bit widths of the activation grids")
+        p.add_argument("--val-size", type=_positive_int, default=2000,
+                       help="validation images per point (selection); test is always full")
+        p.add_argument("--calib-batches", type=_positive_int, default=4)
+        p.add_argument("--oracle", action="store_true",
+                       help="also measure every global FSR on the test set (slow; labelled)")
+        p.add_argument("--force", action="store_true", help="overwrite a folder holding "
+                       "something else")
+        p.add_argument("--no-progress", action="store_true")
+        p.set_defaults(func=cmd_reproduce if name == "reproduce" else cmd_sweep)
     return parser
 
 
@@ -215,22 +229,78 @@ def cmd_eval(args: argparse.Namespace, argv: list[str]) -> int:
     return 0
 
 
-def cmd_compare(args: argparse.Namespace, argv: list[str]) -> int:
+def _bit_list(text: str) -> tuple[int, ...]:
+    try:
+        bits = tuple(int(part) for part in text.split(",") if part.strip())
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected bit widths like 3,4,5, got {text!r}") from None
+    if not bits or any(not 1 <= b <= 8 for b in bits):
+        raise argparse.ArgumentTypeError(f"bit widths must be 1..8, got {text!r}")
+    return bits
+
+
+def _fsr_range(text: str) -> tuple[int, int]:
+    lo, sep, hi = text.partition(":")
+    try:
+        value = (int(lo), int(hi))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected LO:HI integers, got {text!r}") from None
+    if not sep:
+        raise argparse.ArgumentTypeError(f"expected LO:HI integers, got {text!r}")
+    if value[0] > value[1]:
+        raise argparse.ArgumentTypeError(f"empty FSR range {text!r} (min > max)")
+    return value
+
+
+def _sweep_inputs(args: argparse.Namespace):
+    """Data, model, output folder, manifest and settings shared by sweep and reproduce."""
     from logquant.data import load_splits
-    from logquant.experiments import format_table, paper_rows, run_table
-    from logquant.io import write_json_atomic
+    from logquant.models import BUNDLED_WEIGHTS
+    from logquant.sweep import SWEEP_VERSION, SweepSettings, file_sha256
 
     device = _device(args.device)
     splits = load_splits(args.data_dir, args.image_size)
-    model = _load_checked_model(args, splits, device)
-    results = run_table(model, splits, paper_rows(args.fsr_method), batch_size=args.batch_size,
-                        calib_batches=args.calib_batches, device=device)
-    print(f"{args.model} on the {len(splits.test)}-image test split; FSRs by "
-          f"{args.fsr_method} on validation images")
-    print(format_table(results))
-    if args.json_out:
-        write_json_atomic(args.json_out, {"command": "logquant " + shlex.join(argv),
-                                          "results": results})
+    model = _load_checked_model(args, splits, torch.device("cpu"))
+    weights = args.checkpoint or (BUNDLED_WEIGHTS if args.model == "refcnn" else None)
+    manifest = {"version": SWEEP_VERSION, "command": args.command, "model": args.model,
+                "checkpoint_sha256": file_sha256(weights) if weights else None,
+                "val_size": args.val_size, "calib_batches": args.calib_batches,
+                "batch_size": args.batch_size, "oracle": args.oracle,
+                "test_images": len(splits.test)}
+    settings = SweepSettings(val_size=args.val_size, batch_size=args.batch_size,
+                             calib_batches=args.calib_batches, device=str(device),
+                             oracle=args.oracle)
+    return splits, model, Path(args.out), manifest, settings
+
+
+def cmd_sweep(args: argparse.Namespace, argv: list[str]) -> int:
+    from logquant.convert import PreparedModel
+    from logquant.sweep import default_fsr_range, paper_grid, run_sweep
+
+    splits, model, out, manifest, settings = _sweep_inputs(args)
+    fsr_range = args.fsr_range or default_fsr_range(PreparedModel(
+        model, splits.val.batches(args.batch_size), num_batches=args.calib_batches))
+    points = paper_grid(fsr_range, args.fsr_method, args.act_bits)
+    manifest.update(fsr_range=list(fsr_range), fsr_method=args.fsr_method,
+                    act_bits=list(args.act_bits), points=len(points))
+    run_sweep(model, splits, points, out, manifest, settings, force=args.force,
+              progress=not args.no_progress, log=lambda m: print(m, file=sys.stderr))
+    return 0
+
+
+def cmd_reproduce(args: argparse.Namespace, argv: list[str]) -> int:
+    from logquant.experiments import reproduce
+
+    splits, model, out, manifest, settings = _sweep_inputs(args)
+    summary = reproduce(model, splits, out, manifest, settings,
+                        command="logquant " + shlex.join(argv), model_name=args.model,
+                        fsr_range=args.fsr_range, method=args.fsr_method,
+                        act_bits=args.act_bits, force=args.force,
+                        progress=not args.no_progress,
+                        log=lambda m: print(m, file=sys.stderr))
+    if summary:
+        print(summary)
+        print(f"report: {out / 'REPORT.md'}")
     return 0
 
 

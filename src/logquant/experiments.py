@@ -1,70 +1,75 @@
-"""The log-vs-linear comparison table on a trained model (the main job, for now).
-
-Each row quantizes the float model with one configuration (FSRs calibrated on validation
-images, never on the test set) and measures top-1/top-5 on the full test split.
-"""
+"""``reproduce``: the paper's experiments end to end: sweep, figures, REPORT.md."""
 
 from __future__ import annotations
 
-import dataclasses
 import time
+from pathlib import Path
 
 import torch
-from torch import nn
 
 from logquant.config import QuantConfig
-from logquant.convert import quantize_model
+from logquant.convert import PreparedModel
 from logquant.data import Splits
-from logquant.evaluate import evaluate
+from logquant.formats import parse_format
+from logquant.io import write_text_atomic
+from logquant.plots import accuracy_vs_fsr, histograms, weights_bars
+from logquant.report import headline, render, summarize, verdicts
+from logquant.sweep import SweepSettings, default_fsr_range, paper_grid, process_rank, run_sweep
+
+FIGURES = {"fsr": "figures/accuracy_vs_fsr.png", "hist": "figures/histograms.png",
+           "weights": "figures/weights.png"}
 
 
-@dataclasses.dataclass(frozen=True)
-class Row:
-    label: str  # what is quantized
-    config: QuantConfig
+def _histogram_panels(prepared: PreparedModel, summary, act_bits: tuple[int, ...]) -> list:
+    """Activations and weights of the second conv and the first fc layer, with the levels
+    of the formats the report compares (FSRs as selected on validation)."""
+    convs = [n for n, k in prepared.kinds.items() if k == "conv"]
+    fcs = [n for n, k in prepared.kinds.items() if k == "fc"]
+    panels = []
+    for name in convs[1:2] + fcs[:1]:
+        act_formats = []
+        for base, stem in (("log2", f"log{min(act_bits)}"), ("linear", f"lin{min(act_bits)}")):
+            entry = summary.acts.get(("conv+fc", base, min(act_bits))) or {}
+            if "fsr" in entry:
+                act_formats.append(parse_format(f"{stem}@fsr{entry['fsr']}"))
+        panels.append((f"inputs of {name}", prepared.act_stats[name].sample, act_formats))
+        weight_formats = []
+        for stem in ("logsqrt2-5", "log5", "lin5"):
+            config = QuantConfig(conv_weights=stem, fc_weights=stem)
+            weight_formats.append(prepared.resolve(config)[name][0])
+        panels.append((f"weights of {name}", prepared.float_weights[name], weight_formats))
+    return panels
 
 
-def paper_rows(fsr_method: str = "mse") -> list[Row]:
-    """Activations log vs linear at 3/4/5 bits; weights linear / log2 / logsqrt2 (5b conv,
-    4b fc, the paper's weight setting); and log weights with log activations together."""
-    rows = []
-    for bits in (3, 4, 5):
-        for fmt in (f"lin{bits}", f"log{bits}"):
-            rows.append(Row(f"activations {fmt}", QuantConfig(acts=fmt, act_fsr=fsr_method)))
-    for conv, fc in (("lin5", "lin4"), ("log5", "log4"), ("logsqrt2-5", "logsqrt2-4")):
-        rows.append(Row(f"weights {conv} conv / {fc} fc",
-                        QuantConfig(conv_weights=conv, fc_weights=fc, weight_fsr=fsr_method)))
-    rows.append(Row("weights logsqrt2-5 + activations log4",
-                    QuantConfig(conv_weights="logsqrt2-5", fc_weights="logsqrt2-5", acts="log4",
-                                weight_fsr=fsr_method, act_fsr=fsr_method)))
-    return rows
-
-
-def run_table(model: nn.Module, splits: Splits, rows: list[Row], *, batch_size: int = 500,
-              calib_batches: int = 8, device: torch.device | str = "cpu",
-              progress: bool = True) -> list[dict]:
-    """Float baseline plus one result per row, each measured on the full test split."""
-    from tqdm import tqdm
-
-    results = []
-    float_acc = evaluate(model, splits.test, batch_size, device)
-    results.append({"label": "float", "config": QuantConfig().to_dict(),
-                    **float_acc.as_dict(), "seconds": 0.0})
-    for row in tqdm(rows, desc="configurations", disable=None if progress else True):
-        start = time.time()
-        quantized = quantize_model(model, row.config, splits.val.batches(batch_size, device),
-                                   num_batches=calib_batches)
-        acc = evaluate(quantized, splits.test, batch_size, device)
-        results.append({"label": row.label, "config": row.config.to_dict(), **acc.as_dict(),
-                        "seconds": round(time.time() - start, 2)})
-    return results
-
-
-def format_table(results: list[dict]) -> str:
-    base = results[0]["top1"]
-    lines = [f"{'configuration':<44} {'top-1':>7} {'top-5':>7} {'vs float':>9}",
-             "-" * 70]
-    for r in results:
-        lines.append(f"{r['label']:<44} {r['top1']:>6.2f}% {r['top5']:>6.2f}% "
-                     f"{r['top1'] - base:>+8.2f}")
-    return "\n".join(lines)
+def reproduce(model: torch.nn.Module, splits: Splits, out: Path, manifest: dict,
+              settings: SweepSettings, *, command: str, model_name: str,
+              fsr_range: tuple[int, int] | None = None, method: str = "mse",
+              act_bits: tuple[int, ...] = (3, 4, 5), force: bool = False,
+              progress: bool = True, log=print) -> str:
+    """Run the paper grid into ``out``, draw the figures, write REPORT.md; return the
+    terminal summary."""
+    start = time.time()
+    calibration = PreparedModel(model, splits.val.batches(settings.batch_size),
+                                num_batches=settings.calib_batches)
+    fsr_range = fsr_range or default_fsr_range(calibration)
+    points = paper_grid(fsr_range, method, act_bits)
+    manifest = {**manifest, "fsr_range": list(fsr_range), "fsr_method": method,
+                "act_bits": list(act_bits), "points": len(points)}
+    rows = run_sweep(model, splits, points, out, manifest, settings, force=force,
+                     progress=progress, log=log)
+    if process_rank() != 0:
+        return ""
+    summary = summarize(rows)
+    verdict = verdicts(summary)
+    (out / "figures").mkdir(exist_ok=True)
+    selected = {key: v["fsr"] for key, v in summary.acts.items() if "fsr" in v}
+    accuracy_vs_fsr(rows, summary.float_val, selected, out / FIGURES["fsr"])
+    weights_bars(summary.weights, summary.float_test, out / FIGURES["weights"])
+    histograms(_histogram_panels(calibration, summary, act_bits), out / FIGURES["hist"])
+    settings_text = (f"validation subset {settings.val_size} images, {settings.calib_batches}"
+                     f" calibration batches of {settings.batch_size}, global FSR range "
+                     f"{fsr_range[0]}..{fsr_range[1]}, FSR method {method}")
+    report = render(summary, verdict, command=command, model=model_name, figures=FIGURES,
+                    seconds=time.time() - start, settings=settings_text)
+    write_text_atomic(out / "REPORT.md", report)
+    return headline(summary, verdict)

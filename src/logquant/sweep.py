@@ -1,0 +1,338 @@
+"""Format/FSR sweeps: the paper's grids, evaluated with shared calibration, resumable, sharded.
+
+A sweep is a list of points (one configuration each). Phase 1 measures every point on a
+validation subset; phase 2 measures on the full test split the points that honest
+selection picks: for each global-FSR curve the FSR best on validation, and every point
+whose FSRs come from calibration. Rows are written after each round (atomically), so an
+interrupted sweep resumes where it stopped. Under ``torchrun`` each round is sharded across
+processes and gathered on rank 0.
+"""
+
+from __future__ import annotations
+
+import csv
+import dataclasses
+import hashlib
+import io
+import json
+import os
+import time
+from collections.abc import Callable, Iterable
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from logquant.config import QuantConfig
+from logquant.convert import PreparedModel
+from logquant.data import ImageDataset, Splits
+from logquant.errors import LogquantError
+from logquant.evaluate import evaluate
+from logquant.formats import parse_format
+from logquant.io import write_json_atomic, write_text_atomic
+
+SWEEP_VERSION = 1
+ROWS_FILE = "sweep.csv"
+MANIFEST_FILE = "manifest.json"
+COLUMNS = ("id", "group", "scope", "quantized", "base", "bits", "conv_weights", "fc_weights",
+           "acts", "fsr", "fsr_method", "split", "images", "top1", "top5", "seconds")
+KINDS = {"lin": "linear", "log": "log2", "logsqrt2-": "logsqrt2"}
+
+
+class SweepError(LogquantError):
+    """An invalid grid or output folder."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Point:
+    """One configuration of a sweep, described by the format names it uses."""
+
+    group: str  # float | acts-global | acts-calibrated | weights | weights+acts
+    scope: str  # "conv" (conv layers only) or "conv+fc"
+    conv_weights: str = "float"
+    fc_weights: str = "float"
+    acts: str = "float"  # with @fsrN for a global FSR
+    method: str = "mse"  # FSR method for the parts without a fixed FSR
+
+    @property
+    def id(self) -> str:
+        return (f"{self.group}|{self.scope}|w={self.conv_weights},{self.fc_weights}"
+                f"|a={self.acts}|{self.method}")
+
+    @property
+    def varied(self) -> str:
+        """The format this point is about: the activation format unless only weights vary."""
+        return self.conv_weights if self.group == "weights" else self.acts
+
+    def describe(self) -> dict[str, Any]:
+        fmt = parse_format(self.varied)
+        if fmt is None:
+            base, bits, fsr = "float", "", ""
+        else:
+            base = "linear" if fmt.name.startswith("lin") else (
+                "logsqrt2" if fmt.name.startswith("logsqrt2") else "log2")
+            bits, fsr = fmt.bits, "" if fmt.fsr is None else fmt.fsr
+        quantized = {"float": "nothing", "acts-global": "activations",
+                     "acts-calibrated": "activations", "weights": "weights",
+                     "weights+acts": "weights+activations"}[self.group]
+        fixed = fsr != "" and self.group == "acts-global"
+        return {"id": self.id, "group": self.group, "scope": self.scope,
+                "quantized": quantized, "base": base, "bits": bits,
+                "conv_weights": self.conv_weights, "fc_weights": self.fc_weights,
+                "acts": self.acts, "fsr": fsr,
+                "fsr_method": "global" if fixed else (self.method if fmt else "")}
+
+    def config(self, kinds: dict[str, str]) -> QuantConfig:
+        """The configuration; scope "conv" leaves the inputs of fc layers in float."""
+        overrides = {}
+        if self.scope == "conv":
+            overrides = {name: {"acts": "float"} for name, kind in kinds.items() if kind == "fc"}
+        return QuantConfig(conv_weights=self.conv_weights, fc_weights=self.fc_weights,
+                           acts=self.acts, weight_fsr=self.method, act_fsr=self.method,
+                           overrides=overrides)
+
+
+def paper_grid(fsr_range: tuple[int, int], method: str = "mse",
+               act_bits: Iterable[int] = (3, 4, 5)) -> list[Point]:
+    """The paper's grids plus the two obvious ways past base-2's resolution floor
+    (base-sqrt2 activations, per-layer calibrated FSRs)."""
+    lo, hi = fsr_range
+    if lo > hi:
+        raise SweepError(f"FSR range {lo}:{hi} is empty (min > max)")
+    act_bits = tuple(act_bits)
+    points = [Point("float", "conv+fc")]
+    for scope in ("conv", "conv+fc"):
+        for stem in KINDS:
+            for bits in act_bits:
+                for fsr in range(lo, hi + 1):
+                    points.append(Point("acts-global", scope, acts=f"{stem}{bits}@fsr{fsr}",
+                                        method=method))
+                points.append(Point("acts-calibrated", scope, acts=f"{stem}{bits}",
+                                    method=method))
+    for conv_bits, fc_bits in ((5, 4), (3, 3), (4, 4), (5, 5), (6, 6)):
+        for stem in KINDS:
+            points.append(Point("weights", "conv+fc", conv_weights=f"{stem}{conv_bits}",
+                                fc_weights=f"{stem}{fc_bits}", method=method))
+    for weights, acts in (("logsqrt2-5", "log4"), ("logsqrt2-4", "log3"), ("log4", "log3"),
+                          ("logsqrt2-4", "logsqrt2-3"), ("lin4", "lin3"), ("lin8", "lin8")):
+        points.append(Point("weights+acts", "conv+fc", conv_weights=weights,
+                            fc_weights=weights, acts=acts, method=method))
+    return points
+
+
+def default_fsr_range(prepared: PreparedModel) -> tuple[int, int]:
+    """Wide enough for every curve's peak and fall-off: from 5 below the smallest layer's
+    covering FSR to 5 above the largest (where 3-bit log's 7 octaves drop the data)."""
+    from logquant.calibrate import fsr_covering
+
+    tops = [fsr_covering(s.max_abs) for n, s in prepared.act_stats.items()
+            if n != prepared.first_layer]
+    return min(tops) - 5, max(tops) + 5
+
+
+# ----------------------------------------------------------------------------------------
+# Selection
+
+
+def selected_for_test(val_rows: list[dict]) -> list[str]:
+    """Point ids to measure on the test split: the best-on-validation FSR of each global-FSR
+    curve (ties: the larger FSR, less clipping), and every other point."""
+    best: dict[tuple, dict] = {}
+    chosen = []
+    for row in val_rows:
+        if row["group"] != "acts-global":
+            chosen.append(row["id"])
+            continue
+        curve = (row["scope"], row["base"], int(row["bits"]))
+        current = best.get(curve)
+        if current is None or (float(row["top1"]), int(row["fsr"])) > (
+                float(current["top1"]), int(current["fsr"])):
+            best[curve] = row
+    return chosen + [row["id"] for row in best.values()]
+
+
+# ----------------------------------------------------------------------------------------
+# Output folder: manifest, rows, resume
+
+
+_FLOAT_COLUMNS = ("top1", "top5", "seconds")
+_INT_COLUMNS = ("bits", "fsr", "images")
+
+
+def _typed(row: dict) -> dict:
+    """A row read back from CSV with its numbers as numbers ('' stays '')."""
+    row = dict(row)
+    for key in _FLOAT_COLUMNS:
+        row[key] = float(row[key])
+    for key in _INT_COLUMNS:
+        row[key] = int(row[key]) if row[key] != "" else ""
+    return row
+
+
+def read_rows(path: Path) -> list[dict]:
+    """The rows of a sweep's CSV file (empty if there is none yet)."""
+    if not path.is_file():
+        return []
+    try:
+        rows = list(csv.DictReader(io.StringIO(path.read_text())))
+        if rows and set(rows[0]) != set(COLUMNS):
+            raise ValueError(f"columns {sorted(rows[0])} are not a sweep's")
+        return [_typed(row) for row in rows]
+    except (OSError, csv.Error, ValueError, KeyError) as exc:
+        raise SweepError(f"{path}: cannot read the rows of an earlier run ({exc}); use "
+                         "--force or another --out") from None
+
+
+def _write_rows(path: Path, rows: list[dict]) -> None:
+    buffer = io.StringIO()
+    writer = csv.DictWriter(buffer, fieldnames=COLUMNS, lineterminator="\n")
+    writer.writeheader()
+    writer.writerows(rows)
+    write_text_atomic(path, buffer.getvalue())
+
+
+def file_sha256(path: str | os.PathLike) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def open_output(out: Path, manifest: dict, force: bool) -> list[dict]:
+    """Prepare ``out`` for this sweep; return the rows of an earlier run of the same sweep.
+
+    A folder holding anything else (another sweep, unrelated files) is refused unless
+    ``force``, which starts the sweep afresh there.
+    """
+    if out.exists() and not out.is_dir():
+        raise SweepError(f"--out {out}: exists and is not a folder")
+    existing = sorted(p.name for p in out.iterdir()) if out.is_dir() else []
+    if existing and not force:
+        manifest_path = out / MANIFEST_FILE
+        try:
+            previous = json.loads(manifest_path.read_text())
+        except (OSError, json.JSONDecodeError):
+            previous = None
+        if previous != manifest:
+            what = "another sweep" if previous else f"other files ({', '.join(existing[:3])})"
+            raise SweepError(f"--out {out}: holds {what}; pass --force to overwrite, or "
+                             "choose another folder")
+        return read_rows(out / ROWS_FILE)
+    out.mkdir(parents=True, exist_ok=True)
+    if force:
+        for name in (ROWS_FILE, "sweep.json"):
+            if (out / name).exists():
+                (out / name).unlink()
+    write_json_atomic(out / MANIFEST_FILE, manifest)
+    return []
+
+
+# ----------------------------------------------------------------------------------------
+# Running
+
+
+@dataclasses.dataclass
+class SweepSettings:
+    val_size: int = 2000  # validation images per phase-1 evaluation
+    batch_size: int = 500
+    calib_batches: int = 4  # calibration batches (of batch_size) from the validation split
+    device: str = "cpu"
+    oracle: bool = False  # also measure every global-FSR point on the test split
+
+
+def _distributed() -> tuple[int, int]:
+    """(rank, world size), initializing torch.distributed when launched by torchrun."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world <= 1:
+        return 0, 1
+    import torch.distributed as dist
+
+    if not dist.is_initialized():
+        backend = "nccl" if torch.cuda.is_available() and os.environ.get(
+            "LOGQUANT_DIST_BACKEND", "") != "gloo" else "gloo"
+        dist.init_process_group(backend)
+    return dist.get_rank(), dist.get_world_size()
+
+
+def process_rank() -> int:
+    """This process's rank under torchrun (0 when not distributed)."""
+    return _distributed()[0]
+
+
+def _gather(rows: list[dict], world: int) -> list[dict]:
+    if world == 1:
+        return rows
+    import torch.distributed as dist
+
+    gathered: list[list[dict]] = [[] for _ in range(world)]
+    dist.all_gather_object(gathered, rows)
+    return [row for part in gathered for row in part]
+
+
+def run_sweep(model: torch.nn.Module, splits: Splits, points: list[Point], out: Path,
+              manifest: dict, settings: SweepSettings, *, force: bool = False,
+              progress: bool = True, log: Callable[[str], None] = print) -> list[dict]:
+    """Evaluate ``points`` (phase 1 on validation, phase 2 on test) into ``out``."""
+    from tqdm import tqdm
+
+    if not points:
+        raise SweepError("the grid is empty: nothing to evaluate")
+    ids = [p.id for p in points]
+    if len(set(ids)) != len(ids):
+        raise SweepError("the grid lists the same configuration twice")
+    rank, world = _distributed()
+    rows = open_output(out, manifest, force) if rank == 0 else []
+    if world > 1:
+        import torch.distributed as dist
+
+        box = [rows]
+        dist.broadcast_object_list(box, src=0)
+        rows = box[0]
+    device = torch.device(settings.device)
+    if device.type == "cuda" and world > 1:
+        device = torch.device("cuda", rank % torch.cuda.device_count())
+    model = model.to(device)
+    val = splits.val.subset(torch.arange(min(settings.val_size, len(splits.val))))
+    prepared = PreparedModel(model, splits.val.batches(settings.batch_size, device),
+                             num_batches=settings.calib_batches, cache_weights=True)
+    by_id = {p.id: p for p in points}
+    done = {(r["id"], r["split"]) for r in rows}
+
+    def measure(jobs: list[tuple[str, str]], dataset_for: dict[str, ImageDataset], title: str):
+        nonlocal rows
+        todo = [job for job in jobs if job not in done]
+        bar = tqdm(total=len(todo), desc=title, disable=(not progress or rank != 0) or None,
+                   leave=False)
+        step = max(world, 4 * world)  # one round: a few points per process, then a write
+        for start in range(0, len(todo), step):
+            mine = todo[start:start + step][rank::world]
+            new = []
+            for point_id, split in mine:
+                begin = time.time()
+                quantized = prepared.apply(by_id[point_id].config(prepared.kinds))
+                dataset = dataset_for[split]
+                acc = evaluate(quantized, dataset, settings.batch_size, device)
+                new.append({**by_id[point_id].describe(), "split": split,
+                            "images": acc.count, "top1": round(acc.top1, 4),
+                            "top5": round(acc.top5, 4),
+                            "seconds": round(time.time() - begin, 3)})
+            new = _gather(new, world)
+            rows = rows + new
+            done.update((r["id"], r["split"]) for r in new)
+            if rank == 0:
+                _write_rows(out / ROWS_FILE, rows)
+            bar.update(len(todo[start:start + step]))
+        bar.close()
+
+    splits_by_name = {"val": val, "test": splits.test}
+    measure([(i, "val") for i in ids], splits_by_name, "validation")
+    val_rows = [r for r in rows if r["split"] == "val" and r["id"] in by_id]
+    test_ids = selected_for_test(val_rows)
+    if settings.oracle:
+        test_ids += [i for i in ids if by_id[i].group == "acts-global" and i not in test_ids]
+    measure([(i, "test") for i in test_ids], splits_by_name, "test")
+    if rank == 0:
+        write_json_atomic(out / "sweep.json", {"manifest": manifest, "rows": rows})
+        log(f"{len(rows)} rows in {out / ROWS_FILE}")
+    return rows
