@@ -57,13 +57,30 @@ def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="logquant", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
 
-    p = sub.add_parser("train", help="train a model in float (the reference CNN by default)")
+    p = sub.add_parser("train", help="train a model, in float or quantization-aware "
+                       "(--weights/--acts/--grads)")
     _add_common(p)
     p.add_argument("--epochs", type=_positive_int, default=15)
-    p.add_argument("--train-batch-size", type=_positive_int, default=128)
+    p.add_argument("--train-batch-size", type=_positive_int, default=128,
+                   help="global batch (split across torchrun processes)")
     p.add_argument("--lr", type=float, default=0.05)
+    p.add_argument("--warmup-epochs", type=int, default=1)
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--out", required=True, help="output .safetensors file")
+    p.add_argument("--out", required=True, help="output .safetensors file (final weights)")
+    p.add_argument("--checkpoint-dir", default=None,
+                   help="per-epoch checkpoints (default: OUT without suffix + '.ckpt')")
+    p.add_argument("--resume", action="store_true", help="continue from --checkpoint-dir")
+    p.add_argument("--init", default=None, metavar="CHECKPOINT",
+                   help="start from these weights (fine-tuning) instead of random init")
+    p.add_argument("--checkpoint", default=None, help=argparse.SUPPRESS)
+    _add_format_args(p)
+    p.add_argument("--grads", default=None, help="format of the back-propagated errors")
+    p.add_argument("--clip-ste", action="store_true",
+                   help="straight-through gradient zeroed where the input saturated")
+    p.add_argument("--fold-bn", action="store_true",
+                   help="fold BatchNorm into the convs before quantization-aware training")
+    p.add_argument("--test-each-epoch", action="store_true",
+                   help="record test accuracy per epoch (curves; never used to choose)")
     p.add_argument("--no-progress", action="store_true")
     p.set_defaults(func=cmd_train)
 
@@ -102,7 +119,32 @@ def build_parser() -> argparse.ArgumentParser:
                        "something else")
         p.add_argument("--no-progress", action="store_true")
         p.set_defaults(func=cmd_reproduce if name == "reproduce" else cmd_sweep)
+    p = sub.add_parser("reproduce-training", help="the paper's training claim: float vs lin5 "
+                       "vs log5 from scratch, plus log4/log3 fine-tuning")
+    p.add_argument("--data-dir", default=None)
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--out", required=True, help="output folder (resumes an earlier run)")
+    p.add_argument("--epochs", type=_positive_int, default=15)
+    p.add_argument("--finetune-epochs", type=_positive_int, default=3)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--no-progress", action="store_true")
+    p.set_defaults(func=cmd_reproduce_training)
     return parser
+
+
+def cmd_reproduce_training(args: argparse.Namespace, argv: list[str]) -> int:
+    from logquant.data import load_splits
+    from logquant.training_experiment import reproduce_training
+
+    device = _device(args.device)
+    splits = load_splits(args.data_dir)
+    summary = reproduce_training(splits, Path(args.out), epochs=args.epochs,
+                                 finetune_epochs=args.finetune_epochs, seed=args.seed,
+                                 device=device, command="logquant " + shlex.join(argv),
+                                 progress=not args.no_progress,
+                                 log=lambda m: print(m, file=sys.stderr))
+    print(summary)
+    return 0
 
 
 def _load_checked_model(args: argparse.Namespace, splits, device: torch.device):
@@ -307,30 +349,53 @@ def cmd_reproduce(args: argparse.Namespace, argv: list[str]) -> int:
 def cmd_train(args: argparse.Namespace, argv: list[str]) -> int:
     from logquant.data import load_splits
     from logquant.evaluate import evaluate
-    from logquant.io import save_weights, write_json_atomic
+    from logquant.io import load_weights, save_weights, write_json_atomic
     from logquant.models import create_model
-    from logquant.train import TrainConfig, train_float
+    from logquant.qat import prepare_qat
+    from logquant.train import TrainConfig, init_distributed, train
 
     out = Path(args.out)
     if out.suffix != ".safetensors":
         raise LogquantError(f"--out {out}: the file name must end in .safetensors")
+    config = config_from_args(args)
+    if args.grads:
+        config = dataclasses.replace(config, grads=args.grads)
+        config = type(config).from_dict(config.to_dict())  # validates the grads format
+    rank, _ = init_distributed()
     device = _device(args.device)
+    if device.type == "cuda" and torch.cuda.device_count() > 1:
+        device = torch.device("cuda", rank % torch.cuda.device_count())
     splits = load_splits(args.data_dir, args.image_size)
     torch.manual_seed(args.seed)
     model = create_model(args.model, num_classes=len(splits.train.classes),
                          in_channels=splits.train.images.shape[1])
+    if args.init:
+        load_weights(model, args.init)
+    quantized = not config.is_float or config.grads is not None
+    if quantized:
+        model = prepare_qat(model, config, splits.val.batches(args.batch_size),
+                            fold_bn=args.fold_bn, clip_ste=args.clip_ste)
     cfg = TrainConfig(epochs=args.epochs, batch_size=args.train_batch_size, lr=args.lr,
-                      seed=args.seed)
-    summary = train_float(model, splits, cfg, device, progress=not args.no_progress,
-                          log=lambda line: print(line, file=sys.stderr))
+                      seed=args.seed, warmup_epochs=args.warmup_epochs,
+                      test_each_epoch=args.test_each_epoch)
+    ckpt = Path(args.checkpoint_dir) if args.checkpoint_dir else out.with_suffix(".ckpt")
+    summary = train(model, splits, cfg, device, checkpoint_dir=ckpt, resume=args.resume,
+                    progress=not args.no_progress,
+                    log=lambda line: print(line, file=sys.stderr))
+    if rank != 0:
+        return 0
     test = evaluate(model, splits.test, args.batch_size, device)
     command = "logquant " + shlex.join(argv)
-    record = {"command": command, "model": args.model, "train_config": dataclasses.asdict(cfg),
-              "test": test.as_dict(), **summary}
+    metadata = {"command": command, "seed": str(args.seed), "model": args.model,
+                "test_top1": f"{test.top1:.2f}"}
+    if quantized:
+        metadata["logquant_qat"] = json.dumps(config.to_dict())
+        metadata["fold_bn"] = str(int(args.fold_bn))
     model.cpu()
-    save_weights(model, out, metadata={"command": command, "seed": str(args.seed),
-                                       "model": args.model, "test_top1": f"{test.top1:.2f}"})
-    write_json_atomic(out.with_suffix(".json"), record)
+    save_weights(model, out, metadata=metadata)
+    write_json_atomic(out.with_suffix(".json"), {
+        "command": command, "model": args.model, "config": config.to_dict(),
+        "train_config": dataclasses.asdict(cfg), "test": test.as_dict(), **summary})
     print(f"test top-1 {test.top1:.2f} %  top-5 {test.top5:.2f} %  "
           f"({summary['train_seconds']:.0f} s training) -> {out}")
     return 0

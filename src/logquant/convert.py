@@ -100,6 +100,9 @@ class PreparedModel:
             raise LogquantError("quantization needs calibration_data (a few batches of inputs)")
         self.model = fold_batchnorm(model)
         found = quantizable_layers(self.model)
+        if not found and any(isinstance(m, _QuantizedLayer) for m in model.modules()):
+            raise LogquantError("the model is already quantized (trained quantization-aware?):"
+                                " evaluate it without format flags")
         if not found:
             raise LogquantError("the model has no Conv2d or Linear layers to quantize")
         self.act_stats, self.order = collect_input_stats(self.model, calibration_data, found,
@@ -109,7 +112,7 @@ class PreparedModel:
         self.float_weights: dict[str, torch.Tensor] = {}
         for name, (module, _) in found.items():
             qmodule = QUANTIZED_TYPES[type(module)][0].from_float(module)
-            _replace(self.model, name, qmodule)
+            replace_module(self.model, name, qmodule)
             self.layers[name] = qmodule
             self.float_weights[name] = module.weight.detach().clone()
         self.cache_weights = cache_weights
@@ -188,7 +191,8 @@ def quantize_model(model: nn.Module, config: QuantConfig, calibration_data: Any 
     return PreparedModel(model, calibration_data, num_batches=num_batches).apply(config)
 
 
-def _replace(root: nn.Module, name: str, new: nn.Module) -> None:
+def replace_module(root: nn.Module, name: str, new: nn.Module) -> None:
+    """Put ``new`` where the submodule called ``name`` is."""
     parent_name, _, child = name.rpartition(".")
     parent = root.get_submodule(parent_name) if parent_name else root
     setattr(parent, child, new)

@@ -95,4 +95,29 @@ def load_model(name: str, checkpoint: str | Path | None = None, num_classes: int
                              "downloaded)")
         else:
             return model.eval()
+    qat = _qat_config(checkpoint)
+    if qat is not None:  # trained quantization-aware: rebuild the same quantizers
+        from logquant.qat import prepare_qat
+
+        config, fold_bn = qat
+        model = prepare_qat(model, config, fold_bn=fold_bn)
     return load_weights(model, checkpoint).eval()
+
+
+def _qat_config(checkpoint: str | Path):
+    """(QuantConfig, fold_bn) recorded by quantization-aware training, if any."""
+    import json
+
+    from logquant.config import QuantConfig
+    from logquant.io import read_metadata
+
+    if Path(checkpoint).suffix != ".safetensors":
+        return None
+    try:
+        metadata = read_metadata(checkpoint)
+    except Exception:
+        return None  # load_weights reports unreadable files
+    if "logquant_qat" not in metadata:
+        return None
+    return (QuantConfig.from_dict(json.loads(metadata["logquant_qat"])),
+            metadata.get("fold_bn") == "1")

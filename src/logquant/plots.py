@@ -99,3 +99,19 @@ def weights_bars(table: dict[str, dict[str, float]], float_top1: float, path: Pa
     ax.set_title("Weights only (per-layer FSR by calibration), activations float")
     ax.legend(fontsize=8, loc="lower right")
     _save(fig, path)
+
+
+def training_curves(histories: dict[str, list[dict]], path: Path) -> None:
+    """Test top-1 per epoch, one line per run."""
+    fig, ax = plt.subplots(figsize=(6.5, 4))
+    for (name, history), colour in zip(histories.items(), ("black", "tab:red", "tab:blue")):
+        epochs = [r["epoch"] for r in history]
+        ax.plot(epochs, [r["test_top1"] for r in history], marker="o", ms=3, color=colour,
+                label=name)
+    ax.set_xlabel("epoch")
+    ax.set_ylabel("test top-1 (%)")
+    ax.set_title("Training from scratch: float vs 5-bit linear vs 5-bit log")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    _save(fig, path)

@@ -1,24 +1,43 @@
-"""Float training of the reference CNN: seeded, augmented, cosine schedule, progress bar."""
+"""Training (float or quantization-aware): seeded, augmented, resumable, distributed.
+
+One loop serves every run: the model passed in is a float model or one prepared by
+``prepare_qat``. Under ``torchrun`` each process takes its slice of every global batch
+(the same batches, augmentations and learning rates as one process), and DDP averages the
+gradients. A checkpoint folder is written atomically after every epoch; ``resume``
+continues from the last one and ends with the same weights as an uninterrupted run.
+"""
 
 from __future__ import annotations
 
 import dataclasses
 import json
 import math
+import os
+import shutil
 import time
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from logquant.data import ImageDataset, Splits
+from logquant.errors import LogquantError
 from logquant.evaluate import evaluate
+from logquant.io import atomic_path, write_text_atomic
+
+LATEST = "LATEST"
+KEEP_CHECKPOINTS = 2
+
+
+class TrainingError(LogquantError):
+    """Divergence, or a checkpoint folder that cannot be resumed."""
 
 
 @dataclasses.dataclass(frozen=True)
 class TrainConfig:
     epochs: int = 15  # full passes over train (validation images excluded)
-    batch_size: int = 128
+    batch_size: int = 128  # global batch, split across processes when distributed
     lr: float = 0.05  # peak SGD learning rate, after a one-epoch linear warmup
     momentum: float = 0.9
     weight_decay: float = 5e-4
@@ -26,6 +45,8 @@ class TrainConfig:
     seed: int = 0
     crop_padding: int = 2  # random-crop augmentation: pad, then crop back (pixels)
     flip: bool = True  # random horizontal flips
+    warmup_epochs: int = 1
+    test_each_epoch: bool = False  # also record test accuracy per epoch (curves only)
 
 
 def augment(images: torch.Tensor, padding: int, flip: bool, gen: torch.Generator):
@@ -44,59 +65,193 @@ def augment(images: torch.Tensor, padding: int, flip: bool, gen: torch.Generator
     return images
 
 
-def train_float(model: nn.Module, splits: Splits, cfg: TrainConfig,
-                device: str | torch.device = "cpu", progress: bool = True,
-                log=print) -> dict:
-    """Train ``model`` in place; return a summary with per-epoch validation accuracy."""
+def init_distributed() -> tuple[int, int]:
+    """(rank, world size); initializes the process group when launched by torchrun."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world <= 1:
+        return 0, 1
+    import torch.distributed as dist
+
+    if not dist.is_initialized():
+        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+    return dist.get_rank(), dist.get_world_size()
+
+
+# ----------------------------------------------------------------------------------------
+# Checkpoints: <dir>/epoch-NNNN/{state.safetensors, state.json}, <dir>/LATEST names the last
+
+
+def save_checkpoint(directory: Path, model: nn.Module, opt: torch.optim.Optimizer,
+                    gen: torch.Generator, state: dict) -> Path:
+    """Write one epoch's checkpoint folder atomically (folder rename), then point LATEST."""
+    from safetensors.torch import save_file
+
+    name = f"epoch-{state['epoch']:04d}"
+    tensors = {f"model/{k}": v.detach().contiguous().cpu()
+               for k, v in model.state_dict().items()}
+    slots = {}
+    for index, entry in opt.state_dict()["state"].items():
+        for key, value in entry.items():
+            if isinstance(value, torch.Tensor):
+                tensors[f"optimizer/{index}/{key}"] = value.contiguous().cpu()
+            else:
+                slots.setdefault(str(index), {})[key] = value
+    record = {**state, "optimizer_groups": opt.state_dict()["param_groups"],
+              "optimizer_scalars": slots,
+              "rng": {"torch": torch.get_rng_state().tolist(),
+                      "data": gen.get_state().tolist()}}
+    directory.mkdir(parents=True, exist_ok=True)
+    staging = directory / f".{name}.tmp"
+    shutil.rmtree(staging, ignore_errors=True)
+    staging.mkdir()
+    save_file(tensors, str(staging / "state.safetensors"))
+    (staging / "state.json").write_text(json.dumps(record))
+    final = directory / name
+    shutil.rmtree(final, ignore_errors=True)
+    os.replace(staging, final)
+    write_text_atomic(directory / LATEST, name + "\n")
+    epochs = sorted(p for p in directory.glob("epoch-*") if p.is_dir())
+    for old in epochs[:-KEEP_CHECKPOINTS]:
+        shutil.rmtree(old, ignore_errors=True)
+    return final
+
+
+def load_checkpoint(directory: Path, model: nn.Module, opt: torch.optim.Optimizer,
+                    gen: torch.Generator) -> dict:
+    """Restore model, optimizer and RNG states from the folder LATEST names."""
+    from safetensors.torch import load_file
+
+    try:
+        name = (directory / LATEST).read_text().strip()
+        record = json.loads((directory / name / "state.json").read_text())
+        tensors = load_file(str(directory / name / "state.safetensors"))
+    except (OSError, ValueError) as exc:
+        raise TrainingError(f"{directory}: no checkpoint to resume from ({exc})") from None
+    try:
+        model.load_state_dict({k[len("model/"):]: v for k, v in tensors.items()
+                               if k.startswith("model/")})
+    except RuntimeError as exc:
+        raise TrainingError(f"{directory / name}: does not fit this model "
+                            f"({str(exc).splitlines()[0]})") from None
+    state: dict[int, dict] = {}
+    for key, value in tensors.items():
+        if key.startswith("optimizer/"):
+            _, index, slot = key.split("/", 2)
+            state.setdefault(int(index), {})[slot] = value
+    for index, scalars in record["optimizer_scalars"].items():
+        state.setdefault(int(index), {}).update(scalars)
+    opt.load_state_dict({"state": state, "param_groups": record["optimizer_groups"]})
+    torch.set_rng_state(torch.tensor(record["rng"]["torch"], dtype=torch.uint8))
+    gen.set_state(torch.tensor(record["rng"]["data"], dtype=torch.uint8))
+    return record
+
+
+# ----------------------------------------------------------------------------------------
+# The loop
+
+
+def _lr_at(step: int, total: int, warmup: int, peak: float) -> float:
+    """Linear warmup, then cosine to zero."""
+    if step < warmup:
+        return peak * (step + 1) / warmup
+    frac = (step - warmup) / max(1, total - warmup)
+    return 0.5 * peak * (1 + math.cos(math.pi * frac))
+
+
+def train(model: nn.Module, splits: Splits, cfg: TrainConfig,
+          device: str | torch.device = "cpu", *, checkpoint_dir: Path | None = None,
+          resume: bool = False, progress: bool = True, log=print) -> dict:
+    """Train ``model`` in place; return the summary (per-epoch metrics, timings)."""
     from tqdm import tqdm
 
+    rank, world = init_distributed()
     torch.manual_seed(cfg.seed)
     gen = torch.Generator().manual_seed(cfg.seed)
     model.to(device)
-    decay = [p for n, p in model.named_parameters() if p.ndim > 1]
-    no_decay = [p for n, p in model.named_parameters() if p.ndim <= 1]
+    decay = [p for p in model.parameters() if p.ndim > 1]
+    no_decay = [p for p in model.parameters() if p.ndim <= 1]
     opt = torch.optim.SGD([{"params": decay, "weight_decay": cfg.weight_decay},
                            {"params": no_decay, "weight_decay": 0.0}],
                           lr=cfg.lr, momentum=cfg.momentum, nesterov=True)
-    train: ImageDataset = splits.train
-    steps_per_epoch = math.ceil(len(train) / cfg.batch_size)
+    train_set: ImageDataset = splits.train
+    steps_per_epoch = math.ceil(len(train_set) / cfg.batch_size)
     total = cfg.epochs * steps_per_epoch
+    history, start_epoch, step = [], 0, 0
+    if resume:
+        if checkpoint_dir is None or not (checkpoint_dir / LATEST).exists():
+            raise TrainingError(f"--resume: no checkpoint in {checkpoint_dir}")
+        record = load_checkpoint(checkpoint_dir, model, opt, gen)
+        if record["train_config"] != dataclasses.asdict(cfg):
+            raise TrainingError(f"{checkpoint_dir}: was written with other settings "
+                                f"{record['train_config']}; resume with the same ones")
+        history, start_epoch, step = record["history"], record["epoch"], record["step"]
+        log(f"resumed from {checkpoint_dir} after epoch {start_epoch}")
+    net = model
+    if world > 1:
+        from torch.nn.parallel import DistributedDataParallel
 
-    def lr_at(step: int) -> float:  # linear warmup for one epoch, then cosine to zero
-        if step < steps_per_epoch:
-            return cfg.lr * (step + 1) / steps_per_epoch
-        frac = (step - steps_per_epoch) / max(1, total - steps_per_epoch)
-        return 0.5 * cfg.lr * (1 + math.cos(math.pi * frac))
-
-    history, step, start = [], 0, time.time()
-    for epoch in range(cfg.epochs):
+        net = DistributedDataParallel(model, device_ids=[device] if torch.device(
+            device).type == "cuda" else None)
+    start = time.time()
+    for epoch in range(start_epoch, cfg.epochs):
         model.train()
-        order = torch.randperm(len(train), generator=gen)
+        order = torch.randperm(len(train_set), generator=gen)
         bar = tqdm(range(steps_per_epoch), desc=f"epoch {epoch + 1}/{cfg.epochs}",
-                   disable=not progress, leave=False)
+                   disable=(not progress or rank != 0) or None, leave=False)
         seen = correct = 0
         loss_sum = 0.0
         for i in bar:
             idx = order[i * cfg.batch_size:(i + 1) * cfg.batch_size]
-            images = augment(train.images[idx], cfg.crop_padding, cfg.flip, gen)
-            inputs = train.normalize(images.to(device))
-            labels = train.labels[idx].to(device)
+            # every process draws the augmentation of the whole global batch, then keeps
+            # its slice: the same data as one process would see
+            images = augment(train_set.images[idx], cfg.crop_padding, cfg.flip, gen)
+            part = torch.tensor_split(torch.arange(len(idx)), world)[rank]
+            inputs = train_set.normalize(images[part].to(device))
+            labels = train_set.labels[idx][part].to(device)
             for group in opt.param_groups:
-                group["lr"] = lr_at(step)
-            logits = model(inputs)
-            loss = F.cross_entropy(logits, labels, label_smoothing=cfg.label_smoothing)
+                group["lr"] = _lr_at(step, total, cfg.warmup_epochs * steps_per_epoch, cfg.lr)
+            logits = net(inputs)
+            # summed over the slice and scaled by world / global batch: DDP's averaging
+            # then yields exactly the mean over the global batch
+            loss = F.cross_entropy(logits, labels, label_smoothing=cfg.label_smoothing,
+                                   reduction="sum") * (world / len(idx))
+            if not torch.isfinite(loss):
+                last = checkpoint_dir / LATEST if checkpoint_dir else None
+                kept = (f"; the last good checkpoint ({last.read_text().strip()}) is intact"
+                        if last is not None and last.exists() else "")
+                raise TrainingError(f"training diverged: loss is {float(loss)} at step "
+                                    f"{step + 1} (epoch {epoch + 1}){kept}")
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
             step += 1
-            seen += len(idx)
+            seen += len(part)
             correct += int((logits.argmax(1) == labels).sum())
-            loss_sum += loss.item() * len(idx)
+            loss_sum += loss.item() * len(idx) / world
             bar.set_postfix(loss=f"{loss_sum / seen:.3f}", acc=f"{100 * correct / seen:.1f}")
-        val = evaluate(model, splits.val, device=device)
-        record = {"epoch": epoch + 1, "train_loss": loss_sum / seen,
-                  "train_top1": 100 * correct / seen, "val_top1": val.top1,
-                  "elapsed_s": round(time.time() - start, 1)}
+        bar.close()
+        record = {"epoch": epoch + 1, "step": step, "train_loss": loss_sum / seen,
+                  "train_top1": 100 * correct / seen}
+        if rank == 0:
+            record["val_top1"] = evaluate(model, splits.val, device=device).top1
+            if cfg.test_each_epoch:
+                record["test_top1"] = evaluate(model, splits.test, device=device).top1
+        record["elapsed_s"] = round(time.time() - start, 1)
         history.append(record)
-        log(json.dumps(record))
+        if rank == 0:
+            log(json.dumps(record))
+            if checkpoint_dir is not None:
+                save_checkpoint(checkpoint_dir, model, opt, gen,
+                                {"epoch": epoch + 1, "step": step, "history": history,
+                                 "train_config": dataclasses.asdict(cfg)})
+                write_metrics(checkpoint_dir / "metrics.jsonl", history)
+        if world > 1:
+            import torch.distributed as dist
+
+            dist.barrier()
     return {"history": history, "train_seconds": round(time.time() - start, 1)}
+
+
+def write_metrics(path: Path, history: list[dict]) -> None:
+    with atomic_path(path) as tmp:
+        tmp.write_text("".join(json.dumps(r) + "\n" for r in history))
