@@ -98,11 +98,11 @@ class PreparedModel:
                  num_batches: int | None = None, cache_weights: bool = False):
         if calibration_data is None:
             raise LogquantError("quantization needs calibration_data (a few batches of inputs)")
-        self.model = fold_batchnorm(model)
-        found = quantizable_layers(self.model)
-        if not found and any(isinstance(m, _QuantizedLayer) for m in model.modules()):
+        if any(isinstance(m, _QuantizedLayer) for m in model.modules()):
             raise LogquantError("the model is already quantized (trained quantization-aware?):"
                                 " evaluate it without format flags")
+        self.model = fold_batchnorm(model)
+        found = quantizable_layers(self.model)
         if not found:
             raise LogquantError("the model has no Conv2d or Linear layers to quantize")
         self.act_stats, self.order = collect_input_stats(self.model, calibration_data, found,

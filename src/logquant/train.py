@@ -150,6 +150,15 @@ def load_checkpoint(directory: Path, model: nn.Module, opt: torch.optim.Optimize
 # The loop
 
 
+def _sum_gradients(state, bucket):
+    """DDP communication hook: sum the gradients (DDP's default averages them). Each
+    process's loss is already divided by the global batch size."""
+    import torch.distributed as dist
+
+    future = dist.all_reduce(bucket.buffer(), async_op=True).get_future()
+    return future.then(lambda fut: fut.value()[0])
+
+
 def _lr_at(step: int, total: int, warmup: int, peak: float) -> float:
     """Linear warmup, then cosine to zero."""
     if step < warmup:
@@ -192,6 +201,7 @@ def train(model: nn.Module, splits: Splits, cfg: TrainConfig,
 
         net = DistributedDataParallel(model, device_ids=[device] if torch.device(
             device).type == "cuda" else None)
+        net.register_comm_hook(None, _sum_gradients)
     start = time.time()
     for epoch in range(start_epoch, cfg.epochs):
         model.train()
@@ -211,15 +221,15 @@ def train(model: nn.Module, splits: Splits, cfg: TrainConfig,
             for group in opt.param_groups:
                 group["lr"] = _lr_at(step, total, cfg.warmup_epochs * steps_per_epoch, cfg.lr)
             logits = net(inputs)
-            # summed over the slice and scaled by world / global batch: DDP's averaging
-            # then yields exactly the mean over the global batch
+            # summed over the slice, divided by the global batch: every sample's error is
+            # what one process would compute, and the gradients are summed across processes
             loss = F.cross_entropy(logits, labels, label_smoothing=cfg.label_smoothing,
-                                   reduction="sum") * (world / len(idx))
+                                   reduction="sum") / len(idx)
             if not torch.isfinite(loss):
                 last = checkpoint_dir / LATEST if checkpoint_dir else None
                 kept = (f"; the last good checkpoint ({last.read_text().strip()}) is intact"
                         if last is not None and last.exists() else "")
-                raise TrainingError(f"training diverged: loss is {float(loss)} at step "
+                raise TrainingError(f"training diverged: loss is {loss.item()} at step "
                                     f"{step + 1} (epoch {epoch + 1}){kept}")
             opt.zero_grad(set_to_none=True)
             loss.backward()
@@ -227,7 +237,7 @@ def train(model: nn.Module, splits: Splits, cfg: TrainConfig,
             step += 1
             seen += len(part)
             correct += int((logits.argmax(1) == labels).sum())
-            loss_sum += loss.item() * len(idx) / world
+            loss_sum += loss.item() * len(idx)
             bar.set_postfix(loss=f"{loss_sum / seen:.3f}", acc=f"{100 * correct / seen:.1f}")
         bar.close()
         record = {"epoch": epoch + 1, "step": step, "train_loss": loss_sum / seen,
