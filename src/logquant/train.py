@@ -221,10 +221,12 @@ def train(model: nn.Module, splits: Splits, cfg: TrainConfig,
             for group in opt.param_groups:
                 group["lr"] = _lr_at(step, total, cfg.warmup_epochs * steps_per_epoch, cfg.lr)
             logits = net(inputs)
-            # summed over the slice, divided by the global batch: every sample's error is
-            # what one process would compute, and the gradients are summed across processes
-            loss = F.cross_entropy(logits, labels, label_smoothing=cfg.label_smoothing,
-                                   reduction="sum") / len(idx)
+            if world == 1:
+                loss = F.cross_entropy(logits, labels, label_smoothing=cfg.label_smoothing)
+            else:  # summed over the slice, divided by the global batch: each sample's error
+                # is what one process computes, and the hook sums gradients across processes
+                loss = F.cross_entropy(logits, labels, label_smoothing=cfg.label_smoothing,
+                                       reduction="sum") / len(idx)
             if not torch.isfinite(loss):
                 last = checkpoint_dir / LATEST if checkpoint_dir else None
                 kept = (f"; the last good checkpoint ({last.read_text().strip()}) is intact"
