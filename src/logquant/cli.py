@@ -348,11 +348,12 @@ def cmd_reproduce(args: argparse.Namespace, argv: list[str]) -> int:
 
 def cmd_train(args: argparse.Namespace, argv: list[str]) -> int:
     from logquant.data import load_splits
+    from logquant.distributed import init_distributed
     from logquant.evaluate import evaluate
     from logquant.io import load_weights, save_weights, write_json_atomic
     from logquant.models import create_model
     from logquant.qat import prepare_qat
-    from logquant.train import TrainConfig, init_distributed, train
+    from logquant.train import TrainConfig, train
 
     out = Path(args.out)
     if out.suffix != ".safetensors":

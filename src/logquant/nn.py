@@ -11,6 +11,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from logquant.distributed import global_max
 from logquant.formats import Format
 
 
@@ -42,15 +43,6 @@ def fake_quantize(x: torch.Tensor, fmt: Format | None, clip: bool = False) -> to
 
 
 FSR_RULES = ("fixed", "current_max", "running_max")
-
-
-def _global_max(value: torch.Tensor) -> torch.Tensor:
-    """max over all processes when training is distributed, so every rank picks one FSR."""
-    import torch.distributed as dist
-
-    if dist.is_available() and dist.is_initialized():
-        dist.all_reduce(value, op=dist.ReduceOp.MAX)
-    return value
 
 
 class Quantizer(nn.Module):
@@ -109,10 +101,10 @@ class Quantizer(nn.Module):
         """Training-time FSR (and sign) update by ``rule``."""
         from logquant.calibrate import fsr_covering
 
-        if not bool(self.signed) and self.spec.bits >= 2 and bool(_global_max(
+        if not bool(self.signed) and self.spec.bits >= 2 and bool(global_max(
                 (x.detach().amin() < 0).float().reshape(1))):
             self.signed.fill_(True)
-        batch_max = _global_max(x.detach().abs().amax().float().reshape(1))[0]
+        batch_max = global_max(x.detach().abs().amax().float().reshape(1))[0]
         if self.rule == "running_max" and bool(self.calibrated):
             self.running_max.mul_(self.momentum).add_(batch_max * (1 - self.momentum))
         else:
@@ -177,7 +169,7 @@ class ErrorQuantizer(nn.Module):
     def quantize_error(self, grad: torch.Tensor) -> torch.Tensor:
         from logquant.calibrate import fsr_covering
 
-        peak = float(_global_max(grad.detach().abs().amax().float().reshape(1))[0])
+        peak = float(global_max(grad.detach().abs().amax().float().reshape(1))[0])
         if not peak > 0 or not torch.isfinite(torch.tensor(peak)):
             return grad  # all-zero errors stay zero; non-finite ones surface as a NaN loss
         fsr = fsr_covering(peak)

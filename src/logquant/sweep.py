@@ -26,6 +26,7 @@ import torch
 from logquant.config import QuantConfig
 from logquant.convert import PreparedModel
 from logquant.data import ImageDataset, Splits
+from logquant.distributed import broadcast_object, gather_lists, init_distributed
 from logquant.errors import LogquantError
 from logquant.evaluate import evaluate
 from logquant.formats import parse_format
@@ -241,33 +242,9 @@ class SweepSettings:
     oracle: bool = False  # also measure every global-FSR point on the test split
 
 
-def _distributed() -> tuple[int, int]:
-    """(rank, world size), initializing torch.distributed when launched by torchrun."""
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    if world <= 1:
-        return 0, 1
-    import torch.distributed as dist
-
-    if not dist.is_initialized():
-        backend = "nccl" if torch.cuda.is_available() and os.environ.get(
-            "LOGQUANT_DIST_BACKEND", "") != "gloo" else "gloo"
-        dist.init_process_group(backend)
-    return dist.get_rank(), dist.get_world_size()
-
-
 def process_rank() -> int:
     """This process's rank under torchrun (0 when not distributed)."""
-    return _distributed()[0]
-
-
-def _gather(rows: list[dict], world: int) -> list[dict]:
-    if world == 1:
-        return rows
-    import torch.distributed as dist
-
-    gathered: list[list[dict]] = [[] for _ in range(world)]
-    dist.all_gather_object(gathered, rows)
-    return [row for part in gathered for row in part]
+    return init_distributed()[0]
 
 
 def run_sweep(model: torch.nn.Module, splits: Splits, points: list[Point], out: Path,
@@ -281,14 +258,8 @@ def run_sweep(model: torch.nn.Module, splits: Splits, points: list[Point], out: 
     ids = [p.id for p in points]
     if len(set(ids)) != len(ids):
         raise SweepError("the grid lists the same configuration twice")
-    rank, world = _distributed()
-    rows = open_output(out, manifest, force) if rank == 0 else []
-    if world > 1:
-        import torch.distributed as dist
-
-        box = [rows]
-        dist.broadcast_object_list(box, src=0)
-        rows = box[0]
+    rank, world = init_distributed()
+    rows = broadcast_object(open_output(out, manifest, force) if rank == 0 else [])
     device = torch.device(settings.device)
     if device.type == "cuda" and world > 1:
         device = torch.device("cuda", rank % torch.cuda.device_count())
@@ -317,7 +288,7 @@ def run_sweep(model: torch.nn.Module, splits: Splits, points: list[Point], out: 
                             "images": acc.count, "top1": round(acc.top1, 4),
                             "top5": round(acc.top5, 4),
                             "seconds": round(time.time() - begin, 3)})
-            new = _gather(new, world)
+            new = gather_lists(new, world)
             rows = rows + new
             done.update((r["id"], r["split"]) for r in new)
             if rank == 0:

@@ -22,6 +22,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from logquant.data import ImageDataset, Splits
+from logquant.distributed import barrier, init_distributed
 from logquant.errors import LogquantError
 from logquant.evaluate import evaluate
 from logquant.io import atomic_path, write_text_atomic
@@ -63,18 +64,6 @@ def augment(images: torch.Tensor, padding: int, flip: bool, gen: torch.Generator
         mask = torch.rand(n, generator=gen) < 0.5
         images = torch.where(mask.view(n, 1, 1, 1), images.flip(3), images)
     return images
-
-
-def init_distributed() -> tuple[int, int]:
-    """(rank, world size); initializes the process group when launched by torchrun."""
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    if world <= 1:
-        return 0, 1
-    import torch.distributed as dist
-
-    if not dist.is_initialized():
-        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
-    return dist.get_rank(), dist.get_world_size()
 
 
 # ----------------------------------------------------------------------------------------
@@ -257,10 +246,7 @@ def train(model: nn.Module, splits: Splits, cfg: TrainConfig,
                                 {"epoch": epoch + 1, "step": step, "history": history,
                                  "train_config": dataclasses.asdict(cfg)})
                 write_metrics(checkpoint_dir / "metrics.jsonl", history)
-        if world > 1:
-            import torch.distributed as dist
-
-            dist.barrier()
+        barrier()
     return {"history": history, "train_seconds": round(time.time() - start, 1)}
 
 
