@@ -164,3 +164,21 @@ def test_two_processes_match_one_with_the_same_global_batch(small_fashion_dir, t
     assert a.keys() == b.keys()
     worst = max(float((a[k].float() - b[k].float()).abs().max()) for k in a)
     assert worst < 1e-5, worst
+
+
+@pytest.mark.slow
+def test_reproduce_training_writes_curves_table_and_verdict(capsys, small_fashion_dir,
+                                                            tmp_path):
+    out = tmp_path / "training"
+    assert main(["reproduce-training", "--data-dir", str(small_fashion_dir), "--out",
+                 str(out), "--epochs", "1", "--finetune-epochs", "1", "--no-progress"]) == 0
+    printed = capsys.readouterr().out
+    assert "claim (log5 > lin5 after training):" in printed
+    results = json.loads((out / "results.json").read_text())
+    assert set(results["from_scratch"]) == {"float", "linear 5-bit", "log 5-bit"}
+    assert set(results["fine_tune"]) == {"log 4-bit", "log 3-bit"}
+    assert all(len(r["history"]) == 1 and r["history"][0]["test_top1"] > 0
+               for r in results["from_scratch"].values())
+    assert (out / "training_curves.png").read_bytes()[:4] == b"\x89PNG"
+    assert "holds" in (out / "REPORT.md").read_text() or "does not hold" in (
+        out / "REPORT.md").read_text()

@@ -72,7 +72,6 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--resume", action="store_true", help="continue from --checkpoint-dir")
     p.add_argument("--init", default=None, metavar="CHECKPOINT",
                    help="start from these weights (fine-tuning) instead of random init")
-    p.add_argument("--checkpoint", default=None, help=argparse.SUPPRESS)
     _add_format_args(p)
     p.add_argument("--grads", default=None, help="format of the back-propagated errors")
     p.add_argument("--clip-ste", action="store_true",
@@ -265,7 +264,10 @@ def cmd_eval(args: argparse.Namespace, argv: list[str]) -> int:
     else:
         for row in describe(model):
             print(f"  {row['layer']:<24} weights {row['weights']:<16} input {row['input']}")
-        label = "float" if config.is_float else "quantized"
+        from logquant.nn import QConv2d, QLinear
+
+        trained_quantized = any(isinstance(m, (QConv2d, QLinear)) for m in model.modules())
+        label = "float" if config.is_float and not trained_quantized else "quantized"
         print(f"{args.model} ({label}) on {args.split} ({acc.count} images): "
               f"top-1 {acc.top1:.2f} %  top-5 {acc.top5:.2f} %")
     return 0

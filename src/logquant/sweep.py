@@ -275,7 +275,7 @@ def run_sweep(model: torch.nn.Module, splits: Splits, points: list[Point], out: 
         todo = [job for job in jobs if job not in done]
         bar = tqdm(total=len(todo), desc=title, disable=(not progress or rank != 0) or None,
                    leave=False)
-        step = max(world, 4 * world)  # one round: a few points per process, then a write
+        step = 4 * world  # one round: a few points per process, then one write
         for start in range(0, len(todo), step):
             mine = todo[start:start + step][rank::world]
             new = []
