@@ -174,3 +174,11 @@ def test_prepared_model_takes_configurations_in_turn():
             expected = quantize_model(model, config, calibration)(x)
             assert torch.equal(prepared.apply(config)(x), expected), config
     assert describe(prepared.model) == describe(quantize_model(model, LOG, calibration))
+
+
+def test_top_level_api():
+    import logquant
+
+    q = logquant.quantize_model(RefCNN(), logquant.QuantConfig(acts="log4"), _calibration())
+    assert logquant.describe(q)[1]["input"].startswith("log4@")
+    assert isinstance(logquant.parse_format("log3"), logquant.LogFormat)
