@@ -54,7 +54,9 @@ def _device(name: str) -> torch.device:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = _Parser(prog="logquant", description=__doc__)
+    parser = _Parser(prog="logquant", description="CNNs in logarithmic (power-of-two) data "
+                     "representation: exact formats, quantization, the paper's experiments, "
+                     "training.")
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
 
     p = sub.add_parser("train", help="train a model, in float or quantization-aware "
