@@ -320,17 +320,17 @@ def _sweep_inputs(args: argparse.Namespace):
 
 
 def cmd_sweep(args: argparse.Namespace, argv: list[str]) -> int:
-    from logquant.convert import PreparedModel
-    from logquant.sweep import default_fsr_range, paper_grid, run_sweep
+    from logquant.sweep import default_fsr_range, paper_grid, prepare_sweep, run_sweep
 
     splits, model, out, manifest, settings = _sweep_inputs(args)
-    fsr_range = args.fsr_range or default_fsr_range(PreparedModel(
-        model, splits.val.batches(args.batch_size), num_batches=args.calib_batches))
+    prepared = prepare_sweep(model, splits, settings)
+    fsr_range = args.fsr_range or default_fsr_range(prepared)
     points = paper_grid(fsr_range, args.fsr_method, args.act_bits)
     manifest.update(fsr_range=list(fsr_range), fsr_method=args.fsr_method,
                     act_bits=list(args.act_bits), points=len(points))
     run_sweep(model, splits, points, out, manifest, settings, force=args.force,
-              progress=not args.no_progress, log=lambda m: print(m, file=sys.stderr))
+              progress=not args.no_progress, log=lambda m: print(m, file=sys.stderr),
+              prepared=prepared)
     return 0
 
 

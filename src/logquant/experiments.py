@@ -14,7 +14,14 @@ from logquant.formats import parse_format
 from logquant.io import write_text_atomic
 from logquant.plots import accuracy_vs_fsr, histograms, weights_bars
 from logquant.report import headline, render, summarize, verdicts
-from logquant.sweep import SweepSettings, default_fsr_range, paper_grid, process_rank, run_sweep
+from logquant.sweep import (
+    SweepSettings,
+    default_fsr_range,
+    paper_grid,
+    prepare_sweep,
+    process_rank,
+    run_sweep,
+)
 
 FIGURES = {"fsr": "figures/accuracy_vs_fsr.png", "hist": "figures/histograms.png",
            "weights": "figures/weights.png"}
@@ -49,14 +56,13 @@ def reproduce(model: torch.nn.Module, splits: Splits, out: Path, manifest: dict,
     """Run the paper grid into ``out``, draw the figures, write REPORT.md; return the
     terminal summary."""
     start = time.time()
-    calibration = PreparedModel(model, splits.val.batches(settings.batch_size),
-                                num_batches=settings.calib_batches)
+    calibration = prepare_sweep(model, splits, settings)  # shared with the sweep itself
     fsr_range = fsr_range or default_fsr_range(calibration)
     points = paper_grid(fsr_range, method, act_bits)
     manifest = {**manifest, "fsr_range": list(fsr_range), "fsr_method": method,
                 "act_bits": list(act_bits), "points": len(points)}
     rows = run_sweep(model, splits, points, out, manifest, settings, force=force,
-                     progress=progress, log=log)
+                     progress=progress, log=log, prepared=calibration)
     if process_rank() != 0:
         return ""
     summary = summarize(rows)

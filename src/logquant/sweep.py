@@ -247,10 +247,26 @@ def process_rank() -> int:
     return init_distributed()[0]
 
 
+def prepare_sweep(model: torch.nn.Module, splits: Splits,
+                  settings: SweepSettings) -> PreparedModel:
+    """The calibrated model a sweep evaluates, on this process's device."""
+    rank, world = init_distributed()
+    device = torch.device(settings.device)
+    if device.type == "cuda" and world > 1:
+        device = torch.device("cuda", rank % torch.cuda.device_count())
+    model = model.to(device)
+    return PreparedModel(model, splits.val.batches(settings.batch_size, device),
+                         num_batches=settings.calib_batches, cache_weights=True)
+
+
 def run_sweep(model: torch.nn.Module, splits: Splits, points: list[Point], out: Path,
               manifest: dict, settings: SweepSettings, *, force: bool = False,
-              progress: bool = True, log: Callable[[str], None] = print) -> list[dict]:
-    """Evaluate ``points`` (phase 1 on validation, phase 2 on test) into ``out``."""
+              progress: bool = True, log: Callable[[str], None] = print,
+              prepared: PreparedModel | None = None) -> list[dict]:
+    """Evaluate ``points`` (phase 1 on validation, phase 2 on test) into ``out``.
+
+    ``prepared`` (from :func:`prepare_sweep`) reuses a calibration the caller already made.
+    """
     from tqdm import tqdm
 
     if not points:
@@ -260,13 +276,9 @@ def run_sweep(model: torch.nn.Module, splits: Splits, points: list[Point], out: 
         raise SweepError("the grid lists the same configuration twice")
     rank, world = init_distributed()
     rows = broadcast_object(open_output(out, manifest, force) if rank == 0 else [])
-    device = torch.device(settings.device)
-    if device.type == "cuda" and world > 1:
-        device = torch.device("cuda", rank % torch.cuda.device_count())
-    model = model.to(device)
+    prepared = prepared or prepare_sweep(model, splits, settings)
+    device = next(prepared.model.parameters()).device
     val = splits.val.subset(torch.arange(min(settings.val_size, len(splits.val))))
-    prepared = PreparedModel(model, splits.val.batches(settings.batch_size, device),
-                             num_batches=settings.calib_batches, cache_weights=True)
     by_id = {p.id: p for p in points}
     done = {(r["id"], r["split"]) for r in rows}
 

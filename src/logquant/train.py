@@ -25,7 +25,7 @@ from logquant.data import ImageDataset, Splits
 from logquant.distributed import barrier, init_distributed
 from logquant.errors import LogquantError
 from logquant.evaluate import evaluate
-from logquant.io import atomic_path, write_text_atomic
+from logquant.io import write_text_atomic
 
 LATEST = "LATEST"
 KEEP_CHECKPOINTS = 2
@@ -251,5 +251,4 @@ def train(model: nn.Module, splits: Splits, cfg: TrainConfig,
 
 
 def write_metrics(path: Path, history: list[dict]) -> None:
-    with atomic_path(path) as tmp:
-        tmp.write_text("".join(json.dumps(r) + "\n" for r in history))
+    write_text_atomic(path, "".join(json.dumps(r) + "\n" for r in history))
