@@ -130,6 +130,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--no-progress", action="store_true")
     p.set_defaults(func=cmd_reproduce_training)
+    from logquant.cli_engine import add_commands  # here: that module reads this one
+
+    add_commands(sub)
     return parser
 
 

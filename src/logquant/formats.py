@@ -10,17 +10,15 @@ Large tensors go through a ``torch.compile``-fused kernel (one memory pass); sma
 from __future__ import annotations
 
 import dataclasses
-import logging
 import math
-import os
 import re
-import warnings
 from collections.abc import Callable
 from functools import cached_property
 from typing import Literal
 
 import torch
 
+from logquant.compiled import compile_enabled, fused
 from logquant.errors import LogquantError
 
 BITS_MIN, BITS_MAX = 1, 8
@@ -157,8 +155,6 @@ def _linear_kernel(x: torch.Tensor, params: torch.Tensor, signed: bool, encode: 
 
 
 _COMPILE_MIN_NUMEL = 1 << 16
-_compiled: dict[str, Callable] = {}
-_compile_failed = False
 
 
 def _write_into(kernel: Callable) -> Callable:
@@ -172,38 +168,25 @@ def _write_into(kernel: Callable) -> Callable:
     return into
 
 
+_INTO = {}
+
+
 def _run(kernel: Callable, x: torch.Tensor, *args, out: torch.Tensor | None = None):
     """Run ``kernel`` fused by torch.compile for large tensors, eagerly otherwise.
 
     Both paths execute the same integer code, so results are bit-identical (tested). With
     ``out`` the result is written into that tensor (same shape and dtype as the result).
     """
-    global _compile_failed
-    use_compiled = (
-        x.numel() >= _COMPILE_MIN_NUMEL
-        and not _compile_failed
-        and os.environ.get("LOGQUANT_COMPILE", "1") != "0"
-        and not torch.compiler.is_compiling()
-    )
-    if not use_compiled:
+    if x.numel() < _COMPILE_MIN_NUMEL or not compile_enabled():
         result = kernel(x, *args)
         return result if out is None else out.copy_(result)
-    target = kernel if out is None else _write_into(kernel)
-    fn = _compiled.get(target.__name__)
-    if fn is None:
-        # CPU-only machines: inductor warns once that no CUDA runtime exists; irrelevant here
-        logging.getLogger("torch.utils.cpp_extension").setLevel(logging.ERROR)
-        fn = _compiled[target.__name__] = torch.compile(target, dynamic=True)
-    try:
-        if out is None:
-            return fn(x.reshape(-1), *args).view(x.shape)
-        fn(x.reshape(-1), *args, out=out.view(-1))
-        return out
-    except Exception as exc:  # no C compiler, unsupported backend, ...: stay correct, go slow
-        _compile_failed = True
-        warnings.warn(f"logquant: torch.compile unavailable ({exc.__class__.__name__}); "
-                      "using the eager kernels", RuntimeWarning, stacklevel=3)
-        return _run(kernel, x, *args, out=out)
+    if out is None:
+        return fused(kernel, x.reshape(-1), *args).view(x.shape)
+    into = _INTO.get(kernel)
+    if into is None:
+        into = _INTO[kernel] = _write_into(kernel)
+    fused(into, x.reshape(-1), *args, out=out.view(-1))
+    return out
 
 
 # ----------------------------------------------------------------------------------------

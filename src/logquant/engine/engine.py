@@ -11,10 +11,12 @@ bit-identical to the literal path (``literal=True``), which does one shift-add p
 from __future__ import annotations
 
 import dataclasses
+import math
 
 import torch
 import torch.nn.functional as F
 
+from logquant.compiled import fused
 from logquant.engine import literal as lit
 from logquant.engine.arith import CodeTable, code_table, encode_accumulator
 from logquant.engine.plan import (
@@ -24,9 +26,10 @@ from logquant.engine.plan import (
     relu6_limit,
     sqrt2_constant,
 )
+from logquant.formats import parse_format
 from logquant.lqz import LqzError, LqzModel
 
-FLOAT64_EXACT = 1 << 53
+FLOAT32_EXACT, FLOAT64_EXACT = 1 << 24, 1 << 53
 
 
 @dataclasses.dataclass
@@ -37,6 +40,7 @@ class EngineResult:
     exponent: int
     codes: dict[str, torch.Tensor]  # quantize op output -> uint8 codes (trace only)
     sums: dict[str, torch.Tensor]  # layer output -> int64 accumulators (trace only)
+    inputs: dict[str, torch.Tensor]  # layer output -> the codes (or pixels) it read (trace)
     overflows: dict[str, int]  # layer -> outputs saturated by a narrow accumulator
 
     def values(self) -> torch.Tensor:
@@ -67,7 +71,16 @@ class Engine:
             codes = model.weights[layer.op["weight"]]
             bias = model.biases.get(layer.op["bias"]) if layer.op["bias"] else None
             self._weights[out] = (codes, _f64(layer.weight_table, codes), bias)
-        self._keys = {}
+        self._tables: dict = {}
+        readers: dict[str, list[dict]] = {}
+        for op in model.ops:
+            for name in (op["in"] if op["op"] == "add" else [op.get("in")]):
+                readers.setdefault(name, []).append(op)
+        # a ReLU read only by unsigned quantizers changes nothing: they map x <= 0 to zero
+        self._implied_relus = {op["out"] for op in model.ops if op["op"] == "relu" and all(
+            r["op"] == "quantize" and not parse_format(r["format"]).signed
+            for r in readers.get(op["out"], [None]) if r is not None) and readers.get(
+                op["out"])}
 
     @property
     def input_shape(self) -> list[int]:
@@ -84,7 +97,7 @@ class Engine:
         """Integer logits of uint8 images (N, C, H, W)."""
         self.check_images(images)
         env: dict[str, torch.Tensor] = {}
-        result = EngineResult(torch.empty(0), 0, {}, {}, {})
+        result = EngineResult(torch.empty(0), 0, {}, {}, {}, {})
         values = self.plan.values
         for op in self.model.ops:
             kind, out = op["op"], op["out"]
@@ -99,15 +112,18 @@ class Engine:
             if kind in ("conv", "linear"):
                 env[out] = self._layer(out, x, result)
                 if trace:
-                    result.sums[out] = env[out]
+                    result.sums[out], result.inputs[out] = env[out].to(torch.int64), x
             elif kind == "quantize":
                 fmt, table = values[out].fmt, self.plan.quantizers[out]
-                env[out] = (lit.encode(x, fmt, xv.exponent, xv.denominator, table)
-                            if self.literal else encode_accumulator(x, fmt, table))
+                if self.literal:
+                    env[out] = lit.encode(x, fmt, xv.exponent, xv.denominator, table)
+                else:
+                    env[out] = _encode_fast(x, fmt, xv, table)
                 if trace:
                     result.codes[out] = env[out]
             elif kind == "relu":
-                env[out] = self._relu(x, xv)
+                env[out] = x if out in self._implied_relus and not self.literal else \
+                    self._relu(x, xv)
             elif kind == "relu6":
                 x = self._as_acc(x, xv)
                 env[out] = x.clamp(0, relu6_limit(values[out]))
@@ -116,20 +132,23 @@ class Engine:
             elif kind == "maxpool":
                 env[out] = self._maxpool(x, xv, op, values[out].shape[1:])
             elif kind == "avgpool":
-                env[out] = _window_reduce(self._as_acc(x, xv), op, "sum",
+                env[out] = _window_reduce(_wide(self._as_acc(x, xv), values[out]), op, "sum",
                                           values[out].shape[1:])
             elif kind == "global_avgpool":
-                env[out] = self._as_acc(x, xv).sum((2, 3), keepdim=True)
+                env[out] = _wide(self._as_acc(x, xv), values[out]).sum((2, 3), keepdim=True)
             elif kind == "output":
-                result.logits, result.exponent = x, xv.exponent
+                result.logits, result.exponent = x.to(torch.int64), xv.exponent
         return result
 
     # -- layers ---------------------------------------------------------------------------
     def _layer(self, out: str, x: torch.Tensor, result: EngineResult) -> torch.Tensor:
         layer = self.plan.layers[out]
         codes, (w_even, w_odd), bias = self._weights[out]
+        narrow = self.acc_bits is not None and layer.acc_bits > self.acc_bits
         if self.literal:
             even, odd = lit.layer_sums(layer, x, codes)
+        elif not layer.sqrt2 and not narrow and layer.bound_even < FLOAT64_EXACT:
+            return self._fast_layer(layer, x, w_even, bias)
         else:
             if layer.x_table is None:
                 x_even, x_odd = x.double(), None
@@ -138,7 +157,7 @@ class Engine:
             even, odd = self._sums(layer, x_even, x_odd, w_even, w_odd)
         if bias is not None:
             even = even + (bias.view(1, -1, 1, 1) if even.dim() == 4 else bias)
-        if self.acc_bits is not None and layer.acc_bits > self.acc_bits:
+        if narrow:
             lo, hi = -(1 << (self.acc_bits - 1)), (1 << (self.acc_bits - 1)) - 1
             over = ((even < lo) | (even > hi)).sum() + ((odd < lo) | (odd > hi)).sum()
             result.overflows[layer.op["name"]] = result.overflows.get(layer.op["name"], 0) + \
@@ -149,9 +168,44 @@ class Engine:
         p = layer.combine_bits  # A + B sqrt2, once per output, with p fraction bits
         return torch.bitwise_left_shift(even, p) + odd * sqrt2_constant(p)
 
+    def _fast_layer(self, layer: LayerPlan, x: torch.Tensor, w: torch.Tensor,
+                    bias: torch.Tensor | None) -> torch.Tensor:
+        """Base-2/linear layer whose sums stay below 2^53: the exact sums as float64, from
+        float32 (or float64) digit convolutions, recombined in one fused pass."""
+        dtype, digit_bits, count = _digit_plan(layer)
+        if layer.x_table is not None:
+            tables = self._digit_tables(layer, dtype, digit_bits, count)
+            stacked = fused(_expand_codes, x, tables)
+        else:
+            stacked = _digits(x.to(dtype), digit_bits, count)
+        key = (layer.op["out"], "w", dtype)
+        if key not in self._tables:
+            self._tables[key] = w.to(dtype)
+        parts = _apply(layer, stacked, self._tables[key])
+        scales = torch.tensor([float(1 << (k * digit_bits)) for k in range(count)],
+                              dtype=torch.float64)
+        bias = torch.zeros(parts.shape[1], dtype=torch.float64) if bias is None else \
+            bias.double()
+        return fused(_combine, parts.view(count, -1, *parts.shape[1:]), scales, bias)
+
+    def _digit_tables(self, layer: LayerPlan, dtype, digit_bits: int, count: int):
+        key = (layer.op["out"], dtype)
+        tables = self._tables.get(key)
+        if tables is None:
+            mask = (1 << digit_bits) - 1
+            tables = self._tables[key] = torch.tensor(
+                [[(abs(v) >> (k * digit_bits) & mask) * (1 if v >= 0 else -1)
+                  for v in layer.x_table.ints] for k in range(count)], dtype=dtype)
+        return tables
+
     def _sums(self, layer: LayerPlan, x_even, x_odd, w_even, w_odd):
+        """(A, B) in int64 for the general case (sqrt2 parts, sums of 2^53 or more)."""
         def exact(x, w):
-            return self._exact(layer, x, w)
+            dtype, digit_bits, count = _digit_plan(layer)
+            parts = _apply(layer, _digits(x.to(dtype), digit_bits, count), w.to(dtype))
+            parts = parts.view(count, -1, *parts.shape[1:]).to(torch.int64)
+            return sum(torch.bitwise_left_shift(parts[k], k * digit_bits)
+                       for k in range(count))
 
         zero = torch.zeros((), dtype=torch.int64)
         even = exact(x_even, w_even)
@@ -163,34 +217,6 @@ class Engine:
         if x_odd is not None:
             odd = odd + exact(x_odd, w_even)
         return even, odd
-
-    def _exact(self, layer: LayerPlan, x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
-        """The exact integer sums of x * w: float64 while provably exact, else in digits."""
-        op = layer.op
-
-        def apply(inputs):
-            if op["op"] == "linear":
-                return F.linear(inputs, w).to(torch.int64)
-            return F.conv2d(inputs, w, None, op["stride"], op["padding"], op["dilation"],
-                            op["groups"]).to(torch.int64)
-
-        per_x = layer.fan_in * max(layer.weight_table.max_int, 1)
-        if per_x * layer.x_bound < FLOAT64_EXACT:
-            return apply(x)
-        digit_bits = (FLOAT64_EXACT // per_x).bit_length() - 1
-        if digit_bits < 1:
-            raise LqzError(f"{op['name']}: fan-in too large for exact float64 sums")
-        magnitude, sign = x.abs(), x.sign()
-        radix = float(1 << digit_bits)
-        total, shift = None, 0
-        while True:  # magnitude = sum_k digit_k * radix^k, each digit < radix
-            digit = torch.remainder(magnitude, radix)
-            part = torch.bitwise_left_shift(apply(sign * digit), shift)
-            total = part if total is None else total + part
-            magnitude = torch.floor(magnitude / radix)
-            shift += digit_bits
-            if not bool(magnitude.any()):
-                return total
 
     # -- element-wise and pooling ---------------------------------------------------------
     def _as_acc(self, x: torch.Tensor, xv: Value) -> torch.Tensor:
@@ -206,9 +232,9 @@ class Engine:
         return torch.where(x >> xv.fmt.magnitude_bits == 1, torch.zeros_like(x), x)
 
     def _maxpool(self, x: torch.Tensor, xv: Value, op: dict, out_hw) -> torch.Tensor:
-        if not xv.is_codes:
+        if not xv.is_codes or not xv.fmt.signed:  # unsigned codes are ordered like values
             return _window_reduce(x, op, "max", out_hw)
-        m = xv.fmt.magnitude_bits  # max-pooling on codes: compare their order keys
+        m = xv.fmt.magnitude_bits  # sign-magnitude codes: compare their order keys
         keys = torch.tensor(code_table(xv.fmt).keys, dtype=torch.int64)[x.long()]
         best = _window_reduce(keys, op, "max", out_hw)
         return torch.where(best < 0, (-best) | (1 << m), best).to(torch.uint8)
@@ -221,23 +247,103 @@ class Engine:
             x = self._as_acc(env[name], values[name])
             exponent = values[name].exponent if not values[name].is_codes else \
                 code_table(values[name].fmt).lsb
-            x = torch.bitwise_left_shift(x, exponent - out_exp)
+            x = _wide(x, values[op["out"]])
+            x = torch.bitwise_left_shift(x, exponent - out_exp) if x.dtype == torch.int64 \
+                else x * float(1 << (exponent - out_exp))
             total = x if total is None else total + x
         return total
 
 
+def _digit_plan(layer: LayerPlan) -> tuple[torch.dtype, int, int]:
+    """(dtype, k, digits): split x into base-2^k digits whose sums are exact in dtype.
+
+    A float sum of integers is exact when every partial sum is below 2^24 (float32) or
+    2^53 (float64) in magnitude, whatever the summation order; with fan_in * max|w|
+    bounding the sum per unit of x, k follows. float32 (oneDNN's direct convolution;
+    NNPACK, whose Winograd transforms round, is switched off) is used when it needs at most
+    three digits, float64 otherwise.
+    """
+    per_x = layer.fan_in * max(layer.weight_table.max_int, 1)
+    choices = {}
+    for dtype, exact in ((torch.float32, FLOAT32_EXACT), (torch.float64, FLOAT64_EXACT)):
+        digit_bits = (exact // per_x).bit_length() - 1
+        if digit_bits >= 1:
+            choices[dtype] = (digit_bits, -(-max(layer.x_bound, 1).bit_length() // digit_bits))
+    if not choices:
+        raise LqzError(f"{layer.op['name']}: fan-in too large for exact float64 sums")
+    dtype = torch.float32 if choices.get(torch.float32, (0, 99))[1] <= 3 else torch.float64
+    return (dtype, *choices[dtype])
+
+
+def _digits(x: torch.Tensor, digit_bits: int, count: int) -> torch.Tensor:
+    """Integer-valued x as ``count`` signed base-2^k digits, stacked on the batch axis."""
+    if count == 1:
+        return x
+    magnitude, sign = x.abs(), x.sign()
+    radix = float(1 << digit_bits)
+    parts = []
+    for _ in range(count):
+        parts.append(sign * torch.remainder(magnitude, radix))
+        magnitude = torch.floor(magnitude / radix)
+    return torch.cat(parts)
+
+
+def _expand_codes(codes: torch.Tensor, tables: torch.Tensor) -> torch.Tensor:
+    """Codes -> their base-2^k digit values, stacked on the batch axis (one fused pass)."""
+    return tables[:, codes.long()].flatten(0, 1)
+
+
+def _combine(parts: torch.Tensor, scales: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
+    """sum_k parts[k] * 2^(k k') + bias, in float64 (exact: the plan bounds it by 2^53)."""
+    shape = (-1,) + (1,) * (parts.dim() - 1)
+    total = (parts.double() * scales.view(shape)).sum(0)
+    return total + bias.view((1, -1) + (1,) * (total.dim() - 2))
+
+
+def _apply(layer: LayerPlan, x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    op = layer.op
+    with torch.backends.nnpack.flags(enabled=False):
+        if op["op"] == "linear":
+            return F.linear(x, w)
+        return F.conv2d(x, w, None, op["stride"], op["padding"], op["dilation"], op["groups"])
+
+
+def _wide(x: torch.Tensor, result: Value) -> torch.Tensor:
+    """x as int64 where the result's bound reaches 2^53 (float64 sums stop being exact)."""
+    if x.is_floating_point() and result.bound >= FLOAT64_EXACT:
+        return x.to(torch.int64)
+    return x
+
+
+def _encode_fast(x: torch.Tensor, fmt, xv: Value, thresholds: torch.Tensor) -> torch.Tensor:
+    """Codes of accumulators. Exact float64 integers go through the format's own kernel at
+    FSR shifted by the grid exponent (encode(a 2^L) at fsr F == encode(a) at fsr F - L):
+    the float's exponent field is the leading-one position and the kernel's mantissa test
+    the one integer comparison. Otherwise: the comparator bank (exact int64 thresholds)."""
+    from logquant.formats import FSR_MAX, FSR_MIN
+
+    if x.is_floating_point() and xv.denominator == 1 and FSR_MIN <= fmt.fsr - xv.exponent \
+            <= FSR_MAX:
+        return fmt.with_fsr(fmt.fsr - xv.exponent).encode(x).to(torch.uint8)
+    return encode_accumulator(x.to(torch.int64), fmt, thresholds)
+
+
 def _window_reduce(x: torch.Tensor, op: dict, how: str, out_hw: list[int]) -> torch.Tensor:
-    """Exact max or sum over pooling windows of an int64 tensor (padding never wins a max
-    and adds zero to a sum); ``out_hw`` is the pooled size the plan computed."""
+    """Exact max or sum over pooling windows (padding never wins a max and adds zero to a
+    sum); ``out_hw`` is the pooled size the plan computed."""
     (kh, kw), (sh, sw), (ph, pw) = op["kernel"], op["stride"], op["padding"]
     dh, dw = op.get("dilation", [1, 1])
     n, c, h, w = x.shape
     ho, wo = out_hw
-    fill = torch.iinfo(torch.int64).min if how == "max" else 0
+    lowest = -math.inf if x.is_floating_point() else torch.iinfo(x.dtype).min
+    fill = lowest if how == "max" else 0
     hp = max(h + 2 * ph, (ho - 1) * sh + dh * (kh - 1) + 1)
     wp = max(w + 2 * pw, (wo - 1) * sw + dw * (kw - 1) + 1)
-    xp = torch.full((n, c, hp, wp), fill, dtype=torch.int64)
-    xp[:, :, ph:ph + h, pw:pw + w] = x
+    if (hp, wp) == (h, w):
+        xp = x
+    else:
+        xp = torch.full((n, c, hp, wp), fill, dtype=x.dtype)
+        xp[:, :, ph:ph + h, pw:pw + w] = x
     result = None
     for i in range(kh):
         for j in range(kw):

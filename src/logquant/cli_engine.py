@@ -1,0 +1,198 @@
+"""The engine's subcommands: ``export``, ``run``, ``cost`` and ``vectors``."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shlex
+import sys
+import time
+
+import torch
+
+from logquant import cli
+from logquant.errors import LogquantError
+
+
+def add_commands(sub) -> None:
+    p = sub.add_parser("export", help="write a quantized model as a packed .lqz file")
+    cli._add_common(p)
+    p.add_argument("--checkpoint", default=None,
+                   help="weights file (default: bundled); a quantization-aware checkpoint "
+                        "keeps its own formats")
+    p.add_argument("--calib-batches", type=cli._positive_int, default=8,
+                   help="validation batches used to calibrate FSRs")
+    p.add_argument("--out", required=True, help="the .lqz file to write")
+    cli._add_format_args(p)
+    p.set_defaults(func=cmd_export)
+
+    p = sub.add_parser("run", help="integer-only inference of an .lqz file on a data split")
+    p.add_argument("lqz", help="the .lqz file")
+    p.add_argument("--data-dir", default=None, help="as for eval")
+    p.add_argument("--split", choices=("test", "val"), default="test")
+    p.add_argument("--batch-size", type=cli._positive_int, default=500)
+    p.add_argument("--limit", type=cli._positive_int, default=None,
+                   help="only the first N images")
+    p.add_argument("--acc-bits", type=cli._positive_int, default=None,
+                   help="accumulator width (default: the width that never overflows); "
+                        "narrower accumulators saturate and overflows are counted")
+    p.add_argument("--verify", action="store_true",
+                   help="also run the float64 simulation and count mismatching codes/logits")
+    p.add_argument("--json", action="store_true", help="print one JSON object")
+    p.set_defaults(func=cmd_run)
+
+    p = sub.add_parser("cost", help="hardware cost of an .lqz network: MACs, widths, "
+                       "memory bits, energy vs fp32 and int8")
+    p.add_argument("lqz", help="the .lqz file")
+    p.add_argument("--json", action="store_true", help="print one JSON object")
+    p.set_defaults(func=cmd_cost)
+
+    p = sub.add_parser("vectors", help="test vectors of one layer for a hardware testbench")
+    p.add_argument("lqz", help="the .lqz file")
+    p.add_argument("--layer", required=True, help="conv/linear layer name (see 'cost')")
+    p.add_argument("--count", type=cli._positive_int, default=4,
+                   help="how many test images to push through")
+    p.add_argument("--out", required=True, help="output folder")
+    p.add_argument("--data-dir", default=None)
+    p.add_argument("--split", choices=("test", "val"), default="test")
+    p.set_defaults(func=cmd_vectors)
+
+
+def _float32_size(model: torch.nn.Module) -> int:
+    """Bytes of the float32 safetensors file of the exported layers' weights and biases."""
+    from safetensors.torch import save
+
+    from logquant.nn import _QuantizedLayer
+
+    tensors = {}
+    for name, module in model.named_modules():
+        if isinstance(module, _QuantizedLayer):
+            tensors[f"{name}.weight"] = module.weight.detach().float().contiguous()
+            if module.bias is not None:
+                tensors[f"{name}.bias"] = module.bias.detach().float().contiguous()
+    return len(save(tensors))
+
+
+def cmd_export(args: argparse.Namespace, argv: list[str]) -> int:
+    from logquant import lqz
+    from logquant.data import load_splits
+    from logquant.engine import Engine
+    from logquant.export import build_lqz, quantize_for_export
+
+    config = cli.config_from_args(args)
+    splits = load_splits(args.data_dir, args.image_size)
+    model = cli._load_checked_model(args, splits, torch.device("cpu"))
+    calibration = splits.val.images[:args.calib_batches * args.batch_size]
+    qmodel, offset = quantize_for_export(model, None if config.is_float else config,
+                                         calibration, splits.val.mean, splits.val.std,
+                                         num_batches=args.calib_batches)
+    meta = {"source": {"model": args.model, "checkpoint": args.checkpoint,
+                       "command": "logquant " + shlex.join(argv)},
+            "config": None if config.is_float else config.to_dict(),
+            "classes": list(splits.train.classes),
+            "normalization": {"mean": list(splits.val.mean), "std": list(splits.val.std)},
+            "calibration": {"split": "val", "images": len(calibration)}}
+    network = build_lqz(qmodel, offset, list(splits.val.images.shape[1:]), meta)
+    engine = Engine(network)  # refuses, naming the op, what it could not compute exactly
+    size = lqz.save(network, args.out)
+    reference = _float32_size(qmodel)
+    for layer in engine.plan.layers.values():
+        x = layer.x_table.fmt.name if layer.x_table is not None else "pixels"
+        print(f"  {layer.op['name']:<20} weights {layer.weight_format.name:<14} input "
+              f"{x:<14} accumulator {layer.acc_bits} bits")
+    print(f"{args.out}: {size:,} bytes; float32 safetensors of the same weights "
+          f"{reference:,} bytes ({reference / size:.2f}x smaller)")
+    return 0
+
+
+def _load(path: str):
+    from logquant import lqz
+
+    return lqz.load(path)
+
+
+def _images(args: argparse.Namespace, classes: int):
+    from logquant.data import load_splits
+
+    splits = load_splits(args.data_dir)
+    dataset = getattr(splits, args.split)
+    if len(dataset.classes) != classes:
+        raise LogquantError(f"the .lqz network has {classes} outputs, the data "
+                            f"{len(dataset.classes)} classes")
+    limit = getattr(args, "limit", None) or getattr(args, "count", None)
+    return dataset.images[:limit], dataset.labels[:limit]
+
+
+def cmd_run(args: argparse.Namespace, argv: list[str]) -> int:
+    from logquant.cost import cost_report
+    from logquant.engine import Engine
+
+    model = _load(args.lqz)
+    engine = Engine(model, acc_bits=args.acc_bits)
+    images, labels = _images(args, engine.plan.output.shape[0])
+    engine.check_images(images)
+    correct, overflows, mismatches = 0, {}, {"codes": 0, "logits": 0}
+    start = time.perf_counter()
+    for i in range(0, len(images), args.batch_size):
+        batch = images[i:i + args.batch_size]
+        result = engine.run(batch, trace=args.verify)
+        correct += int((result.logits.argmax(1) == labels[i:i + args.batch_size]).sum())
+        for name, count in result.overflows.items():
+            overflows[name] = overflows.get(name, 0) + count
+        if args.verify:
+            _compare(model, batch, result, mismatches)
+    seconds = time.perf_counter() - start
+    cost = cost_report(model)["total"]
+    widths = {layer.op["name"]: layer.acc_bits for layer in engine.plan.layers.values()}
+    summary = {"lqz": args.lqz, "split": args.split, "images": len(images),
+               "top1": 100.0 * correct / max(len(images), 1), "seconds": seconds,
+               "accumulator_bits_needed": widths, "accumulator_bits": args.acc_bits,
+               "overflows": overflows, "macs_per_image": cost["macs"],
+               "shift_adds_per_image": cost["shift_adds"],
+               "multiplies_per_image": cost["multiplies"]}
+    if args.verify:
+        summary["float64_mismatches"] = mismatches
+    if args.json:
+        print(json.dumps(summary, sort_keys=True))
+        return 0
+    for name, bits in widths.items():
+        extra = f", {overflows[name]:,} saturated" if overflows.get(name) else ""
+        print(f"  {name:<20} accumulator {bits} bits needed{extra}")
+    print(f"{args.lqz} on {args.split} ({len(images)} images): top-1 {summary['top1']:.2f} %  "
+          f"integer engine, {seconds:.1f} s; {cost['shift_adds']:,} shift-adds and "
+          f"{cost['multiplies']:,} multiplies per image")
+    if args.verify:
+        print(f"float64 simulation: {mismatches['codes']} activation codes and "
+              f"{mismatches['logits']} logits differ")
+    return 0
+
+
+def _compare(model, images, result, mismatches: dict) -> None:
+    from logquant.simulate import simulate
+
+    sim = simulate(model, images)
+    mismatches["codes"] += sum(int((result.codes[k].long() != sim.codes[k].long()).sum())
+                               for k in sim.codes)
+    mismatches["logits"] += int((result.values() != sim.logits).sum())
+
+
+def cmd_cost(args: argparse.Namespace, argv: list[str]) -> int:
+    from logquant.cost import cost_report, format_report
+
+    report = cost_report(_load(args.lqz))
+    print(json.dumps(report, sort_keys=True) if args.json else format_report(report))
+    return 0
+
+
+def cmd_vectors(args: argparse.Namespace, argv: list[str]) -> int:
+    from logquant.engine import Engine
+    from logquant.vectors import write_vectors
+
+    engine = Engine(_load(args.lqz))
+    images, _ = _images(args, engine.plan.output.shape[0])
+    manifest = write_vectors(engine, images, args.layer, args.out)
+    files = ", ".join(manifest["files"])
+    print(f"{args.out}: vectors of {args.layer} for {len(images)} images ({files}; "
+          f"manifest.json, vectors.npz)", file=sys.stdout)
+    return 0
+
