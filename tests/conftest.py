@@ -37,3 +37,22 @@ def small_fashion_dir(fashion, tmp_path_factory):
         write_idx(directory / f"{images}.gz", dataset.images[:count, 0].numpy())
         write_idx(directory / f"{labels}.gz", dataset.labels[:count].numpy().astype("uint8"))
     return directory
+
+
+@pytest.fixture(scope="session")
+def refcnn_export(fashion, tmp_path_factory):
+    """The bundled reference model exported with log4 weights and activations:
+    (LqzModel, the float32 PyTorch model of the same network, path of the .lqz file)."""
+    from logquant import lqz
+    from logquant.config import QuantConfig
+    from logquant.export import build_lqz, quantize_for_export
+    from logquant.models import load_model
+
+    config = QuantConfig(conv_weights="log4", fc_weights="log4", acts="log4")
+    qmodel, offset = quantize_for_export(load_model("refcnn"), config,
+                                         fashion.val.images[:1000], fashion.val.mean,
+                                         fashion.val.std, num_batches=4)
+    network = build_lqz(qmodel, offset, [1, 28, 28], {"config": config.to_dict()})
+    path = tmp_path_factory.mktemp("lqz") / "refcnn_log4.lqz"
+    lqz.save(network, path)
+    return network, qmodel, path

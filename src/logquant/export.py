@@ -159,7 +159,7 @@ def quantize_for_export(model: nn.Module, config: QuantConfig | None, images: to
     for module in model.modules():
         if isinstance(module, _QuantizedLayer) and not bool(module.weight_frozen):
             if module.weight_quant.spec is not None and module.weight_quant.rule != "fixed":
-                module.weight_quant.set_fsr(fsr_covering(float(module.weight.abs().max())))
+                module.weight_quant.set_fsr(fsr_covering(float(module.weight.detach().abs().max())))
             if module.weight_quant.spec is not None:
                 module.freeze_weight()
     return model, offset

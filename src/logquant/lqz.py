@@ -109,18 +109,36 @@ def to_arrays(model: LqzModel) -> dict[str, np.ndarray]:
     return arrays
 
 
+_DTYPE_NAMES = {np.dtype(v): k for k, v in _DTYPES.items()}
+
+
+def container_bytes(arrays: dict[str, np.ndarray], metadata: dict[str, str]) -> bytes:
+    """A safetensors file, byte for byte deterministic: tensors in name order, sorted JSON
+    keys, header padded with spaces to a multiple of 8 (as the format recommends)."""
+    table: dict[str, object] = {"__metadata__": dict(sorted(metadata.items()))}
+    chunks, offset = [], 0
+    for name in sorted(arrays):
+        data = np.ascontiguousarray(arrays[name]).tobytes()
+        table[name] = {"dtype": _DTYPE_NAMES[arrays[name].dtype],
+                       "shape": list(arrays[name].shape), "data_offsets": [offset,
+                                                                            offset + len(data)]}
+        chunks.append(data)
+        offset += len(data)
+    header = json.dumps(table, separators=(",", ":")).encode()
+    header += b" " * (-len(header) % 8)
+    return struct.pack("<Q", len(header)) + header + b"".join(chunks)
+
+
 def save(model: LqzModel, path: str | os.PathLike) -> int:
     """Write ``model`` to ``path`` atomically; returns the file size in bytes."""
-    from safetensors.numpy import save_file
-
     from logquant.io import atomic_path
 
     validate_header(model.header)
     arrays = to_arrays(model)
     header_json = json.dumps(model.header, sort_keys=True, separators=(",", ":"))
-    metadata = {"lqz": header_json, "checksum": _checksum(header_json, arrays)}
+    metadata = {"checksum": _checksum(header_json, arrays), "lqz": header_json}
     with atomic_path(path) as tmp:
-        save_file(arrays, str(tmp), metadata=metadata)
+        tmp.write_bytes(container_bytes(arrays, metadata))
     return Path(path).stat().st_size
 
 

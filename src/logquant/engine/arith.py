@@ -18,6 +18,8 @@ import torch
 
 from logquant.formats import Format, LinearFormat, LogFormat
 
+ACC_LIMIT = 1 << 62  # |accumulator| < 2^62 in the engine (int64 with headroom)
+
 
 def grid_exponent(fmt: Format) -> int:
     """lsb: codes of ``fmt`` are integers (even parts, for base sqrt2) times 2^lsb."""
@@ -126,12 +128,16 @@ def _at_least_root_fraction(v: Fraction, k: int, q: int) -> bool:
 
 def thresholds(fmt: Format, exponent: int, denominator: int = 1) -> list[int]:
     """t_c for c = 1 .. 2^m - 1: an accumulator a (value a * 2^exponent / denominator)
-    gets magnitude code c exactly when t_c <= |a| < t_(c+1). Exact integers."""
+    gets magnitude code c exactly when t_c <= |a| < t_(c+1). Exact integers, capped at
+    2^62, which no accumulator of the engine reaches."""
     unit = Fraction(2) ** exponent / denominator
     out = []
     for c in range(1, 1 << fmt.magnitude_bits):
         reached = _boundary(fmt, c)
-        out.append(max(1, _smallest(lambda a, r=reached: r(a * unit))))
+        if reached(ACC_LIMIT * unit):
+            out.append(max(1, _smallest(lambda a, r=reached: r(a * unit))))
+        else:
+            out.append(ACC_LIMIT)
     return out
 
 

@@ -108,8 +108,10 @@ def encode(acc: torch.Tensor, fmt: Format, exponent: int, denominator: int,
         mag = torch.where((r < fmt.min_level_index) | (mag_acc == 0), 0, mag)
     elif denominator == 1 and isinstance(fmt, LinearFormat):
         shift = fmt.fsr - m - exponent
-        if shift <= 0:
-            mag = torch.bitwise_left_shift(mag_acc, -shift)
+        if shift <= 0:  # saturate before the shift can overflow
+            top = (1 << m) - 1
+            mag = torch.where(mag_acc > top >> -shift, top,
+                              torch.bitwise_left_shift(mag_acc.clamp(max=top), -shift))
         else:  # round half up, one shift
             mag = torch.bitwise_right_shift(mag_acc + (1 << (shift - 1)), shift)
         mag = mag.clamp(max=(1 << m) - 1)

@@ -1,0 +1,203 @@
+"""The .lqz container: exact round trip, size, and rejection of damaged or hostile files."""
+
+import json
+import struct
+
+import numpy as np
+import pytest
+import torch
+
+from logquant import lqz
+from logquant.lqz import LqzError
+
+
+def test_round_trip_reproduces_identical_codes_biases_and_header(refcnn_export):
+    network, _, path = refcnn_export
+    loaded = lqz.load(path)
+    assert loaded.header == json.loads(json.dumps(network.header))
+    assert network.weights.keys() == loaded.weights.keys()
+    for name, codes in network.weights.items():
+        assert torch.equal(codes, loaded.weights[name]), name
+    for name, bias in network.biases.items():
+        assert torch.equal(bias, loaded.biases[name]), name
+
+
+def test_saving_twice_gives_identical_bytes(refcnn_export, tmp_path):
+    network, _, path = refcnn_export
+    lqz.save(lqz.load(path), tmp_path / "again.lqz")
+    assert (tmp_path / "again.lqz").read_bytes() == path.read_bytes()
+
+
+def test_file_is_a_standard_safetensors_container(refcnn_export):
+    """Any safetensors reader opens it: the packed codes, biases and the header."""
+    from safetensors import safe_open
+
+    network, _, path = refcnn_export
+    with safe_open(str(path), framework="pt") as f:
+        assert json.loads(f.metadata()["lqz"])["format"] == "logquant-lqz"
+        assert set(f.keys()) == set(network.weights) | set(network.biases)
+        name = next(iter(network.biases))
+        assert torch.equal(f.get_tensor(name).long(), network.biases[name])
+
+
+def test_three_bit_file_is_over_ten_times_smaller_than_float32(fashion, tmp_path):
+    """Target: at least 0.95 * 32/3 smaller than the float32 safetensors of the weights."""
+    from safetensors.torch import save
+
+    from logquant.config import QuantConfig
+    from logquant.export import build_lqz, quantize_for_export
+    from logquant.models import load_model
+    from logquant.nn import _QuantizedLayer
+
+    config = QuantConfig(conv_weights="log3", fc_weights="log3", acts="log3")
+    qmodel, offset = quantize_for_export(load_model("refcnn"), config, fashion.val.images[:500],
+                                         fashion.val.mean, fashion.val.std, num_batches=2)
+    size = lqz.save(build_lqz(qmodel, offset, [1, 28, 28]), tmp_path / "m.lqz")
+    tensors = {}
+    for name, m in qmodel.named_modules():
+        if isinstance(m, _QuantizedLayer):
+            tensors[name + ".weight"] = m.weight.detach().float()
+            tensors[name + ".bias"] = m.bias.detach().float()
+    float_size = len(save(tensors))
+    assert float_size / size >= 0.95 * 32 / 3, (float_size, size)
+
+
+# ----------------------------------------------------------------------------------------
+# Damaged and hostile files: one LqzError, never another exception
+
+
+def _split(data: bytes):
+    (n,) = struct.unpack("<Q", data[:8])
+    return n, json.loads(data[8:8 + n]), data[8 + n:]
+
+
+def _rewrite(path, out, edit_header=None, edit_arrays=None):
+    """A file with an edited lqz header / tensors and a *valid* checksum (a crafted file)."""
+    meta, arrays = lqz._read_container(path)
+    header = json.loads(meta["lqz"])
+    arrays = {k: np.array(v) for k, v in arrays.items()}
+    if edit_header:
+        edit_header(header)
+    if edit_arrays:
+        edit_arrays(arrays)
+    text = json.dumps(header, sort_keys=True, separators=(",", ":"))
+    out.write_bytes(lqz.container_bytes(arrays, {"lqz": text,
+                                                 "checksum": lqz._checksum(text, arrays)}))
+    return out
+
+
+def assert_rejected(path, *fragments):
+    with pytest.raises(LqzError) as info:
+        lqz.load(path)
+    message = str(info.value)
+    assert "\n" not in message
+    for fragment in fragments:
+        assert fragment in message, message
+
+
+def test_truncation_at_every_section_boundary_is_rejected(refcnn_export, tmp_path):
+    _, _, path = refcnn_export
+    data = path.read_bytes()
+    n, table, _ = _split(data)
+    cuts = {0, 1, 7, 8, 9, 8 + n // 2, 8 + n - 1, 8 + n, 8 + n + 1, len(data) - 1}
+    for info in table.values():
+        if isinstance(info, dict) and "data_offsets" in info:
+            begin, end = info["data_offsets"]
+            cuts.update({8 + n + begin, 8 + n + end - 1})
+    for cut in sorted(c for c in cuts if c < len(data)):
+        target = tmp_path / "cut.lqz"
+        target.write_bytes(data[:cut])
+        assert_rejected(target)
+
+
+def test_flipped_bytes_are_rejected(refcnn_export, tmp_path):
+    """Every byte of the length and header, and a sample of the data, flipped: the file is
+    rejected (or, for a flip the JSON parser ignores, loads identically)."""
+    network, _, path = refcnn_export
+    data = path.read_bytes()
+    n, _, _ = _split(data)
+    rng = np.random.default_rng(0)
+    positions = list(range(0, 8 + n, 3)) + rng.integers(8 + n, len(data), 300).tolist()
+    target = tmp_path / "flip.lqz"
+    loaded_same = 0
+    for pos in positions:
+        damaged = bytearray(data)
+        damaged[pos] ^= 1 << int(rng.integers(8))
+        target.write_bytes(bytes(damaged))
+        try:
+            loaded = lqz.load(target)
+        except LqzError:
+            continue
+        loaded_same += 1
+        assert loaded.header == network.header
+        assert all(torch.equal(loaded.weights[k], v) for k, v in network.weights.items())
+    assert loaded_same < len(positions) // 20
+
+
+def test_oversized_header_length_is_rejected_before_reading(refcnn_export, tmp_path):
+    _, _, path = refcnn_export
+    data = path.read_bytes()
+    target = tmp_path / "huge.lqz"
+    target.write_bytes(struct.pack("<Q", 1 << 60) + data[8:])
+    assert_rejected(target, "header length")
+
+
+def test_checksum_mismatch_is_named(refcnn_export, tmp_path):
+    _, _, path = refcnn_export
+    damaged = bytearray(path.read_bytes())
+    damaged[-1] ^= 0xFF  # a bias byte: offsets and shapes all stay valid
+    target = tmp_path / "sum.lqz"
+    target.write_bytes(bytes(damaged))
+    assert_rejected(target, "checksum mismatch")
+
+
+def test_crafted_files_with_valid_checksums_are_rejected(refcnn_export, tmp_path):
+    _, _, path = refcnn_export
+
+    def version(h):
+        h["version"] = 2
+
+    def shape(h):
+        next(op for op in h["ops"] if op["op"] == "conv")["shape"][0] *= 2
+
+    def bits(h):
+        next(op for op in h["ops"] if op["op"] == "conv")["weight_format"] = "log9s@fsr0"
+
+    def fsr(h):
+        next(op for op in h["ops"] if op["op"] == "quantize")["format"] = "log4@fsr99"
+
+    def unknown(h):
+        h["ops"].insert(1, {"op": "softmax", "in": h["ops"][0]["out"], "out": "s"})
+
+    def dangling(h):
+        next(op for op in h["ops"] if op["op"] == "relu")["in"] = "nowhere"
+
+    cases = [(version, "unsupported .lqz version 2"), (shape, "features.0"),
+             (bits, "bits must be in 1..8"), (fsr, "fsr"), (unknown, "unknown op 'softmax'"),
+             (dangling, "not an earlier op's output")]
+    for edit, fragment in cases:
+        assert_rejected(_rewrite(path, tmp_path / "crafted.lqz", edit), fragment)
+
+    def extra(arrays):
+        arrays["payload"] = np.zeros(4, dtype=np.uint8)
+
+    assert_rejected(_rewrite(path, tmp_path / "extra.lqz", edit_arrays=extra), "payload")
+
+
+def test_pickle_disguised_as_lqz_is_refused_without_running_it(tmp_path):
+    class Payload:
+        def __reduce__(self):
+            return (exec, ("open('%s', 'w').write('ran')" % (tmp_path / "pwned"),))
+
+    target = tmp_path / "model.lqz"
+    torch.save({"weights": Payload()}, target)
+    assert_rejected(target)
+    assert not (tmp_path / "pwned").exists()
+
+
+def test_missing_file_and_non_lqz_safetensors_are_rejected(tmp_path):
+    from safetensors.numpy import save_file
+
+    assert_rejected(tmp_path / "absent.lqz", "no such .lqz file")
+    save_file({"w": np.zeros(3, dtype=np.float32)}, str(tmp_path / "plain.safetensors"))
+    assert_rejected(tmp_path / "plain.safetensors")
