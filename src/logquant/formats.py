@@ -402,6 +402,14 @@ class LogFormat(_Format):
                   lay.bits(lay.bias + 1), p, (1 << p) - 1, 1 << p, info.min, info.max]
         return torch.tensor(values, dtype=lay.int_dtype)
 
+    def kernel(self, dtype: torch.dtype = torch.float64) -> tuple[Callable, torch.Tensor]:
+        """(fn, params) with ``fn(x, params, signed, encode)`` this format's exact
+        elementwise kernel for ``x`` of ``dtype``: for fusing into larger compiled code."""
+        params = self._params[F64 if dtype == torch.float64 else F32]
+        if params is None or dtype not in (torch.float32, torch.float64):
+            raise FormatError(f"{self.name}: no {dtype} kernel for these levels")
+        return _log_kernel, params
+
     def _apply(self, x: torch.Tensor, encode: bool,
                out: torch.Tensor | None = None) -> torch.Tensor:
         self._fixed_fsr()
@@ -433,12 +441,17 @@ class LinearFormat(_Format):
     def magnitudes(self) -> list[float]:
         return [k * self.step for k in range(1 << self.magnitude_bits)]
 
+    def kernel(self, dtype: torch.dtype = torch.float64) -> tuple[Callable, torch.Tensor]:
+        """(fn, params) with ``fn(x, params, signed, encode)`` this format's exact
+        elementwise kernel for ``x`` of ``dtype``: for fusing into larger compiled code."""
+        step = self.step
+        return _linear_kernel, torch.tensor([1.0 / step, step, (1 << self.magnitude_bits) - 1],
+                                            dtype=dtype)
+
     def _apply(self, x: torch.Tensor, encode: bool,
                out: torch.Tensor | None = None) -> torch.Tensor:
-        step = self.step
-        params = torch.tensor([1.0 / step, step, (1 << self.magnitude_bits) - 1],
-                              dtype=x.dtype, device=x.device)
-        return _run(_linear_kernel, x, params, self.signed, encode, out=out)
+        kernel, params = self.kernel(x.dtype)
+        return _run(kernel, x, params.to(x.device), self.signed, encode, out=out)
 
 
 Format = LogFormat | LinearFormat

@@ -81,6 +81,33 @@ class Engine:
             r["op"] == "quantize" and not parse_format(r["format"]).signed
             for r in readers.get(op["out"], [None]) if r is not None) and readers.get(
                 op["out"])}
+        self._fusions = {} if literal or acc_bits is not None else self._find_fusions(readers)
+
+    def _find_fusions(self, readers: dict[str, list[dict]]) -> dict[str, tuple]:
+        """Layers whose sums go (through an implied ReLU) to one quantizer only: the fast
+        path forms their codes in the same pass that recombines the sums. Per layer:
+        (ops it also computes, the quantize op, the format's exact kernel and params at
+        the FSR shifted by the grid exponent)."""
+        from logquant.formats import FSR_MAX, FSR_MIN
+
+        fusions = {}
+        for out, layer in self.plan.layers.items():
+            if layer.sqrt2 or layer.bound_even >= FLOAT64_EXACT:
+                continue
+            chain, next_ops = [], readers.get(out, [])
+            if len(next_ops) == 1 and next_ops[0]["out"] in self._implied_relus:
+                chain.append(next_ops[0]["out"])
+                next_ops = readers.get(next_ops[0]["out"], [])
+            if len(next_ops) != 1 or next_ops[0]["op"] != "quantize":
+                continue
+            quantize = next_ops[0]
+            fmt = self.plan.values[quantize["out"]].fmt
+            shifted = fmt.fsr - self.plan.values[out].exponent
+            if FSR_MIN <= shifted <= FSR_MAX:
+                kernel, params = fmt.with_fsr(shifted).kernel(torch.float64)
+                fusions[out] = (set(chain) | {quantize["out"]}, quantize["out"], kernel,
+                                params, fmt.signed)
+        return fusions
 
     @property
     def input_shape(self) -> list[int]:
@@ -99,8 +126,11 @@ class Engine:
         env: dict[str, torch.Tensor] = {}
         result = EngineResult(torch.empty(0), 0, {}, {}, {}, {})
         values = self.plan.values
+        done: set[str] = set()
         for op in self.model.ops:
             kind, out = op["op"], op["out"]
+            if out in done:
+                continue
             if kind == "input":
                 offset = torch.tensor(op["offset"], dtype=torch.int64).view(1, -1, 1, 1)
                 env[out] = images.long() - offset
@@ -109,7 +139,16 @@ class Engine:
                 env[out] = self._add(op, env)
                 continue
             x, xv = env[op["in"]], values[op["in"]]
-            if kind in ("conv", "linear"):
+            if kind in ("conv", "linear") and out in self._fusions:
+                computed, q_out, kernel, params, signed = self._fusions[out]
+                parts, scales, bias = self._fast_parts(self.plan.layers[out], x)
+                env[q_out], acc = fused(_finisher(kernel), parts, scales, bias, params, signed,
+                                        trace)
+                done |= computed
+                if trace:
+                    result.codes[q_out] = env[q_out]
+                    result.sums[out], result.inputs[out] = acc.to(torch.int64), x
+            elif kind in ("conv", "linear"):
                 env[out] = self._layer(out, x, result)
                 if trace:
                     result.sums[out], result.inputs[out] = env[out].to(torch.int64), x
@@ -148,7 +187,7 @@ class Engine:
         if self.literal:
             even, odd = lit.layer_sums(layer, x, codes)
         elif not layer.sqrt2 and not narrow and layer.bound_even < FLOAT64_EXACT:
-            return self._fast_layer(layer, x, w_even, bias)
+            return self._fast_layer(layer, x)
         else:
             if layer.x_table is None:
                 x_even, x_odd = x.double(), None
@@ -168,25 +207,33 @@ class Engine:
         p = layer.combine_bits  # A + B sqrt2, once per output, with p fraction bits
         return torch.bitwise_left_shift(even, p) + odd * sqrt2_constant(p)
 
-    def _fast_layer(self, layer: LayerPlan, x: torch.Tensor, w: torch.Tensor,
-                    bias: torch.Tensor | None) -> torch.Tensor:
+    def _fast_layer(self, layer: LayerPlan, x: torch.Tensor) -> torch.Tensor:
         """Base-2/linear layer whose sums stay below 2^53: the exact sums as float64, from
         float32 (or float64) digit convolutions, recombined in one fused pass."""
+        return fused(_combine, *self._fast_parts(layer, x))
+
+    def _fast_parts(self, layer: LayerPlan, x: torch.Tensor):
+        """(digit sums (D, N, ...), 2^(k k') per digit, float64 bias) of a fast layer."""
         dtype, digit_bits, count = _digit_plan(layer)
+        if x.dim() == 4:  # oneDNN convolves channels-last tensors without reordering
+            x = x.contiguous(memory_format=torch.channels_last)
         if layer.x_table is not None:
-            tables = self._digit_tables(layer, dtype, digit_bits, count)
-            stacked = fused(_expand_codes, x, tables)
+            stacked = fused(_expand_codes, x, self._digit_tables(layer, dtype, digit_bits,
+                                                                 count))
         else:
             stacked = _digits(x.to(dtype), digit_bits, count)
-        key = (layer.op["out"], "w", dtype)
-        if key not in self._tables:
-            self._tables[key] = w.to(dtype)
-        parts = _apply(layer, stacked, self._tables[key])
-        scales = torch.tensor([float(1 << (k * digit_bits)) for k in range(count)],
-                              dtype=torch.float64)
-        bias = torch.zeros(parts.shape[1], dtype=torch.float64) if bias is None else \
-            bias.double()
-        return fused(_combine, parts.view(count, -1, *parts.shape[1:]), scales, bias)
+        out = layer.op["out"]
+        cached = self._tables.get((out, "layer", dtype))
+        if cached is None:
+            _, (w_even, _), bias = self._weights[out]
+            bias = torch.zeros(w_even.shape[0], dtype=torch.float64) if bias is None else \
+                bias.double()
+            scales = torch.tensor([float(1 << (k * digit_bits)) for k in range(count)],
+                                  dtype=torch.float64)
+            cached = self._tables[(out, "layer", dtype)] = (w_even.to(dtype), scales, bias)
+        w, scales, bias = cached
+        parts = _apply(layer, stacked, w)
+        return parts.unflatten(0, (count, -1)), scales, bias
 
     def _digit_tables(self, layer: LayerPlan, dtype, digit_bits: int, count: int):
         key = (layer.op["out"], dtype)
@@ -289,8 +336,29 @@ def _digits(x: torch.Tensor, digit_bits: int, count: int) -> torch.Tensor:
 
 
 def _expand_codes(codes: torch.Tensor, tables: torch.Tensor) -> torch.Tensor:
-    """Codes -> their base-2^k digit values, stacked on the batch axis (one fused pass)."""
+    """Codes -> their base-2^k digit values, stacked on the batch axis (one fused pass);
+    4-D codes are channels-last and so is the result."""
+    if codes.dim() == 4:
+        nhwc = tables[:, codes.permute(0, 2, 3, 1).long()].flatten(0, 1)
+        return nhwc.permute(0, 3, 1, 2)
     return tables[:, codes.long()].flatten(0, 1)
+
+
+_finishers: dict = {}
+
+
+def _finisher(kernel):
+    """A function that recombines a layer's digit sums and encodes them with a format's
+    exact kernel in one pass (one per kernel kind, so each compiles once)."""
+    finish = _finishers.get(kernel)
+    if finish is None:
+        def finish(parts, scales, bias, params, signed: bool, keep_sums: bool):
+            acc = _combine(parts, scales, bias)
+            codes = kernel(acc, params, signed, True).to(torch.uint8)
+            return codes, (acc if keep_sums else None)
+
+        _finishers[kernel] = finish
+    return finish
 
 
 def _combine(parts: torch.Tensor, scales: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
