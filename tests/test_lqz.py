@@ -73,7 +73,7 @@ def _split(data: bytes):
 
 def _rewrite(path, out, edit_header=None, edit_arrays=None):
     """A file with an edited lqz header / tensors and a *valid* checksum (a crafted file)."""
-    meta, arrays = lqz._read_container(path)
+    meta, arrays = lqz.read_container(path)
     header = json.loads(meta["lqz"])
     arrays = {k: np.array(v) for k, v in arrays.items()}
     if edit_header:
@@ -201,3 +201,39 @@ def test_missing_file_and_non_lqz_safetensors_are_rejected(tmp_path):
     assert_rejected(tmp_path / "absent.lqz", "no such .lqz file")
     save_file({"w": np.zeros(3, dtype=np.float32)}, str(tmp_path / "plain.safetensors"))
     assert_rejected(tmp_path / "plain.safetensors")
+
+
+def test_entropy_coded_file_round_trips_near_the_entropy(refcnn_export, tmp_path):
+    from logquant.entropy import empirical_entropy_bits
+
+    network, _, path = refcnn_export
+    size = lqz.save(network, tmp_path / "c.lqz", compress=True)
+    assert size < path.stat().st_size
+    loaded = lqz.load(tmp_path / "c.lqz")
+    for name, codes in network.weights.items():
+        assert torch.equal(loaded.weights[name], codes), name
+    _, arrays = lqz.read_container(tmp_path / "c.lqz")
+    count = sum(c.numel() for c in network.weights.values())
+    coded = sum(8 * (arrays[n].nbytes + arrays[n + ".freq"].nbytes) for n in network.weights)
+    limit = sum(empirical_entropy_bits(c.numpy()) for c in network.weights.values())
+    assert limit / count < coded / count < limit / count * 1.01 + 0.01
+    assert coded / count < 4  # better than packing the 4-bit codes
+
+
+def test_damaged_entropy_coded_weights_are_rejected(refcnn_export, tmp_path):
+    network, _, _ = refcnn_export
+    lqz.save(network, tmp_path / "c.lqz", compress=True)
+    name = "classifier.1.weight"
+
+    def flip(arrays):
+        arrays[name][len(arrays[name]) // 2] ^= 0x5A
+
+    def truncate(arrays):
+        arrays[name] = arrays[name][:-3]
+
+    def table(arrays):
+        arrays[name + ".freq"][0] += 1
+
+    for edit in (flip, truncate, table):
+        assert_rejected(_rewrite(tmp_path / "c.lqz", tmp_path / "bad.lqz", edit_arrays=edit),
+                        "classifier.1")

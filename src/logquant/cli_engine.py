@@ -7,6 +7,7 @@ import json
 import shlex
 import sys
 import time
+from pathlib import Path
 
 import torch
 
@@ -23,6 +24,8 @@ def add_commands(sub) -> None:
     p.add_argument("--calib-batches", type=cli._positive_int, default=8,
                    help="validation batches used to calibrate FSRs")
     p.add_argument("--out", required=True, help="the .lqz file to write")
+    p.add_argument("--compress", action="store_true",
+                   help="entropy-code the weight codes (rANS) instead of bit-packing them")
     cli._add_format_args(p)
     p.set_defaults(func=cmd_export)
 
@@ -94,7 +97,7 @@ def cmd_export(args: argparse.Namespace, argv: list[str]) -> int:
             "calibration": {"split": "val", "images": len(calibration)}}
     network = build_lqz(qmodel, offset, list(splits.val.images.shape[1:]), meta)
     engine = Engine(network)  # refuses, naming the op, what it could not compute exactly
-    size = lqz.save(network, args.out)
+    size = lqz.save(network, args.out, compress=args.compress)
     reference = _float32_size(qmodel)
     for layer in engine.plan.layers.values():
         x = layer.x_table.fmt.name if layer.x_table is not None else "pixels"
@@ -102,7 +105,27 @@ def cmd_export(args: argparse.Namespace, argv: list[str]) -> int:
               f"{x:<14} accumulator {layer.acc_bits} bits")
     print(f"{args.out}: {size:,} bytes; float32 safetensors of the same weights "
           f"{reference:,} bytes ({reference / size:.2f}x smaller)")
+    if args.compress:
+        print(_coding_summary(args.out, network))
     return 0
+
+
+def _coding_summary(path: str, network) -> str:
+    """Bits per weight of the entropy-coded file against the codes' empirical entropy."""
+    from logquant import lqz
+    from logquant.entropy import empirical_entropy_bits
+
+    _, arrays = lqz.read_container(Path(path))
+    count = coded = limit = 0
+    for op in network.layer_ops():
+        codes = network.weights[op["weight"]].numpy()
+        count += codes.size
+        coded += 8 * (arrays[op["weight"]].nbytes + arrays[op["weight"] + ".freq"].nbytes)
+        limit += empirical_entropy_bits(codes)
+    bits = network.weight_format(network.layer_ops()[0]).bits
+    return (f"weights: {coded / count:.3f} bits each entropy-coded (frequency tables "
+            f"included) vs {limit / count:.3f} bits empirical entropy (the limit) and "
+            f"{bits} bits packed")
 
 
 def _load(path: str):

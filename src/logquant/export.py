@@ -318,7 +318,7 @@ def _layer_ops(node: fx.Node, layer: nn.Module, src: str, network_input: str,
                                              name=f"{name}.weight")
     op = {"op": kind, "in": src, "out": node.name, "name": name,
           "weight": f"{name}.weight", "weight_format": w_fmt.name,
-          "shape": list(layer.weight.shape), "bias": None}
+          "shape": list(layer.weight.shape), "bias": None, "weight_encoding": "packed"}
     if layer.bias is not None:
         op["bias"] = f"{name}.bias"
         biases[op["bias"]] = _bias_on_grid(layer.bias.detach(), exponent, name)

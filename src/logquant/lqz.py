@@ -98,12 +98,25 @@ def _checksum(header_json: str, arrays: dict[str, np.ndarray]) -> str:
     return digest.hexdigest()
 
 
+ENCODINGS = ("packed", "rans")
+
+
 def to_arrays(model: LqzModel) -> dict[str, np.ndarray]:
-    """The file's tensors: packed weight codes and narrow integer biases."""
+    """The file's tensors: weight codes (bit-packed, or rANS-coded with a ``.freq`` table,
+    as each op's ``weight_encoding`` says) and narrow integer biases."""
+    from logquant import entropy
+
     arrays: dict[str, np.ndarray] = {}
     for op in model.layer_ops():
         fmt = model.weight_format(op)
-        arrays[op["weight"]] = pack_codes(model.weights[op["weight"]], fmt.bits).numpy()
+        codes = model.weights[op["weight"]]
+        if op.get("weight_encoding", "packed") == "rans":
+            flat = codes.numpy().reshape(-1).astype(np.uint8)
+            freqs = entropy.frequencies(flat, fmt.num_codes)
+            arrays[op["weight"]] = np.frombuffer(entropy.encode(flat, freqs), dtype=np.uint8)
+            arrays[op["weight"] + ".freq"] = freqs.astype(np.int16)
+        else:
+            arrays[op["weight"]] = pack_codes(codes, fmt.bits).numpy()
         if op["bias"] is not None:
             arrays[op["bias"]] = _narrow_int(model.biases[op["bias"]])
     return arrays
@@ -129,10 +142,16 @@ def container_bytes(arrays: dict[str, np.ndarray], metadata: dict[str, str]) -> 
     return struct.pack("<Q", len(header)) + header + b"".join(chunks)
 
 
-def save(model: LqzModel, path: str | os.PathLike) -> int:
-    """Write ``model`` to ``path`` atomically; returns the file size in bytes."""
+def save(model: LqzModel, path: str | os.PathLike, compress: bool = False) -> int:
+    """Write ``model`` to ``path`` atomically; returns the file size in bytes.
+    ``compress`` entropy-codes the weight codes (rANS) instead of bit-packing them."""
     from logquant.io import atomic_path
 
+    header = json.loads(json.dumps(model.header))
+    for op in header["ops"]:
+        if op["op"] in ("conv", "linear"):
+            op["weight_encoding"] = "rans" if compress else "packed"
+    model = LqzModel(header, model.weights, model.biases)
     validate_header(model.header)
     arrays = to_arrays(model)
     header_json = json.dumps(model.header, sort_keys=True, separators=(",", ":"))
@@ -150,7 +169,7 @@ def _fail(path: Path, message: str):
     raise LqzError(f"{path}: {message}")
 
 
-def _read_container(path: Path) -> tuple[dict[str, str], dict[str, np.ndarray]]:
+def read_container(path: Path) -> tuple[dict[str, str], dict[str, np.ndarray]]:
     """Parse a safetensors file with every field checked before the data is read."""
     if not path.is_file():
         _fail(path, "no such .lqz file")
@@ -216,7 +235,7 @@ def _read_container(path: Path) -> tuple[dict[str, str], dict[str, np.ndarray]]:
 def load(path: str | os.PathLike) -> LqzModel:
     """Read and fully validate an .lqz file (never executes anything from it)."""
     path = Path(path)
-    metadata, arrays = _read_container(path)
+    metadata, arrays = read_container(path)
     if "lqz" not in metadata or "checksum" not in metadata:
         _fail(path, "not an .lqz file (a safetensors file without the lqz header)")
     header_json = metadata["lqz"]
@@ -244,12 +263,17 @@ def _unpack(header: dict[str, Any], arrays: dict[str, np.ndarray]) -> LqzModel:
         count = int(np.prod(shape))
         packed = arrays.get(name)
         if packed is None or packed.dtype != np.uint8 or packed.ndim != 1:
-            raise LqzError(f"{op['name']}: weight tensor {name!r} missing or not packed bytes")
-        if packed.size != packed_size(count, fmt.bits):
-            raise LqzError(f"{op['name']}: {count} weights of {fmt.bits} bits need "
-                           f"{packed_size(count, fmt.bits)} bytes, the file holds {packed.size}")
-        weights[name] = unpack_codes(torch.from_numpy(packed.copy()), fmt.bits, count).reshape(
-            shape)
+            raise LqzError(f"{op['name']}: weight tensor {name!r} missing or not bytes")
+        if op.get("weight_encoding", "packed") == "rans":
+            weights[name] = _decode_rans(op, packed, arrays.get(name + ".freq"), fmt, count)
+            expected.add(name + ".freq")
+        else:
+            if packed.size != packed_size(count, fmt.bits):
+                raise LqzError(f"{op['name']}: {count} weights of {fmt.bits} bits need "
+                               f"{packed_size(count, fmt.bits)} bytes, the file holds "
+                               f"{packed.size}")
+            weights[name] = unpack_codes(torch.from_numpy(packed.copy()), fmt.bits, count)
+        weights[name] = weights[name].reshape(shape)
         expected.add(name)
         if op["bias"] is not None:
             bias = arrays.get(op["bias"])
@@ -262,6 +286,21 @@ def _unpack(header: dict[str, Any], arrays: dict[str, np.ndarray]) -> LqzModel:
     if extra:
         raise LqzError(f"unexpected tensor {extra[0]!r} in the file")
     return LqzModel(header, weights, biases)
+
+
+def _decode_rans(op: dict, stream: np.ndarray, freqs, fmt: Format, count: int) -> torch.Tensor:
+    from logquant import entropy
+
+    if freqs is None or freqs.dtype != np.int16 or freqs.shape != (fmt.num_codes,) or (
+            freqs < 0).any():
+        raise LqzError(f"{op['name']}: frequency table missing or not {fmt.num_codes} counts")
+    if stream.size > 2 * packed_size(count, 8) + 64:  # far above any honest stream
+        raise LqzError(f"{op['name']}: entropy-coded weights larger than possible")
+    try:
+        codes = entropy.decode(stream.tobytes(), freqs, count)
+    except entropy.EntropyError as exc:
+        raise LqzError(f"{op['name']}: {exc}") from None
+    return torch.from_numpy(codes.copy())
 
 
 # ----------------------------------------------------------------------------------------
@@ -337,6 +376,8 @@ def _validate_fields(op: dict[str, Any], where: str, tensors: set[str]) -> None:
         if not _int_list(op["shape"], dims) or not all(0 < d <= 1 << 20 for d in op["shape"]):
             raise LqzError(f"{where}: weight shape must be {dims} positive integers, "
                            f"got {op['shape']!r}")
+        if op.get("weight_encoding", "packed") not in ENCODINGS:
+            raise LqzError(f"{where}: weight_encoding must be one of {', '.join(ENCODINGS)}")
         names = [op["weight"]] + ([op["bias"]] if op["bias"] is not None else [])
         if not all(isinstance(n, str) for n in names) or tensors & set(names):
             raise LqzError(f"{where}: tensor names invalid or reused")
