@@ -142,8 +142,8 @@ class Engine:
             if kind in ("conv", "linear") and out in self._fusions:
                 computed, q_out, kernel, params, signed = self._fusions[out]
                 parts, scales, bias = self._fast_parts(self.plan.layers[out], x)
-                env[q_out], acc = fused(_finisher(kernel), parts, scales, bias, params, signed,
-                                        trace)
+                env[q_out], acc = fused(_finisher(kernel, trace), parts, scales, bias, params,
+                                        signed)
                 done |= computed
                 if trace:
                     result.codes[q_out] = env[q_out]
@@ -347,17 +347,21 @@ def _expand_codes(codes: torch.Tensor, tables: torch.Tensor) -> torch.Tensor:
 _finishers: dict = {}
 
 
-def _finisher(kernel):
+def _finisher(kernel, keep: bool):
     """A function that recombines a layer's digit sums and encodes them with a format's
-    exact kernel in one pass (one per kernel kind, so each compiles once)."""
-    finish = _finishers.get(kernel)
+    exact kernel in one pass; with ``keep`` it also returns the sums (tracing). Each
+    variant is its own function, so torch.compile specializes each once."""
+    finish = _finishers.get((kernel, keep))
     if finish is None:
-        def finish(parts, scales, bias, params, signed: bool, keep_sums: bool):
-            acc = _combine(parts, scales, bias)
-            codes = kernel(acc, params, signed, True).to(torch.uint8)
-            return codes, (acc if keep_sums else None)
-
-        _finishers[kernel] = finish
+        if keep:
+            def finish(parts, scales, bias, params, signed: bool):
+                acc = _combine(parts, scales, bias)
+                return kernel(acc, params, signed, True).to(torch.uint8), acc
+        else:
+            def finish(parts, scales, bias, params, signed: bool):
+                acc = _combine(parts, scales, bias)
+                return kernel(acc, params, signed, True).to(torch.uint8), None
+        _finishers[(kernel, keep)] = finish
     return finish
 
 
