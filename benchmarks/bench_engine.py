@@ -18,12 +18,12 @@ import argparse
 import io
 import json
 import sys
-import warnings
 from pathlib import Path
 
 import torch
 
 from logquant import lqz
+from logquant.baselines import pytorch_int8
 from logquant.config import QuantConfig
 from logquant.data import load_splits
 from logquant.engine import Engine
@@ -57,24 +57,6 @@ def float32_size(qmodel) -> int:
     return len(save(tensors))
 
 
-def int8_model(splits):
-    """PyTorch's int8 PTQ of the same float model (weights per channel, activations per
-    tensor, calibrated on the validation images)."""
-    from torch.ao.quantization import get_default_qconfig_mapping
-    from torch.ao.quantization.quantize_fx import convert_fx, prepare_fx
-
-    torch.backends.quantized.engine = "x86"
-    model = load_model("refcnn").eval()
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        prepared = prepare_fx(model, get_default_qconfig_mapping("x86"),
-                              (splits.val.normalize(splits.val.images[:2]),))
-        with torch.no_grad():
-            for inputs, _ in splits.val.subset(torch.arange(2000)).batches(250):
-                prepared(inputs)
-        return convert_fx(prepared)
-
-
 def accuracy(predict, splits) -> float:
     correct = 0
     for start in range(0, len(splits.test), 1000):
@@ -96,7 +78,7 @@ def main() -> None:
     qmodel, lqz_size = export(args.formats, splits, out / f"refcnn_{args.formats}.lqz")
     engine = Engine(lqz.load(out / f"refcnn_{args.formats}.lqz"))
     model = load_model("refcnn").eval()
-    quantized = int8_model(splits)
+    quantized = pytorch_int8(load_model("refcnn"), splits.val.subset(torch.arange(2000)))
     images = splits.test.images[:BATCH]
     normalized = splits.test.normalize(images)
 

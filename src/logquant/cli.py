@@ -130,9 +130,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--no-progress", action="store_true")
     p.set_defaults(func=cmd_reproduce_training)
-    from logquant.cli_engine import add_commands  # here: that module reads this one
+    from logquant import cli_engine, cli_search  # here: those modules read this one
 
-    add_commands(sub)
+    cli_engine.add_commands(sub)
+    cli_search.add_commands(sub)
     return parser
 
 

@@ -30,7 +30,7 @@ def add_commands(sub) -> None:
     p.set_defaults(func=cmd_export)
 
     p = sub.add_parser("run", help="integer-only inference of an .lqz file on a data split")
-    p.add_argument("lqz", help="the .lqz file")
+    _add_network_source(p)
     p.add_argument("--data-dir", default=None, help="as for eval")
     p.add_argument("--split", choices=("test", "val"), default="test")
     p.add_argument("--batch-size", type=cli._positive_int, default=500)
@@ -46,7 +46,8 @@ def add_commands(sub) -> None:
 
     p = sub.add_parser("cost", help="hardware cost of an .lqz network: MACs, widths, "
                        "memory bits, energy vs fp32 and int8")
-    p.add_argument("lqz", help="the .lqz file")
+    _add_network_source(p)
+    p.add_argument("--data-dir", default=None, help="calibration data for --config")
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p.set_defaults(func=cmd_cost)
 
@@ -59,6 +60,40 @@ def add_commands(sub) -> None:
     p.add_argument("--data-dir", default=None)
     p.add_argument("--split", choices=("test", "val"), default="test")
     p.set_defaults(func=cmd_vectors)
+
+
+def _add_network_source(p: argparse.ArgumentParser) -> None:
+    p.add_argument("lqz", nargs="?", default=None, help="the .lqz file")
+    g = p.add_argument_group("or export on the fly (instead of an .lqz file)")
+    g.add_argument("--config", default=None, help="a QuantConfig JSON file (e.g. from search)")
+    g.add_argument("--model", default="refcnn", help="as for eval (with --config)")
+    g.add_argument("--checkpoint", default=None, help="weights file (with --config)")
+    g.add_argument("--calib-batches", type=cli._positive_int, default=8,
+                   help="validation batches of 500 calibrating --config's FSRs")
+
+
+def _network(args: argparse.Namespace):
+    """The network to run or cost: the .lqz file, or ``--config`` exported in memory."""
+    if (args.lqz is None) == (args.config is None):
+        raise LogquantError("give an .lqz file or --config FILE (not both)")
+    if args.lqz is not None:
+        return _load(args.lqz)
+    from logquant.config import QuantConfig
+    from logquant.data import load_splits
+    from logquant.export import build_lqz, quantize_for_export
+
+    config = QuantConfig.load(args.config)
+    splits = load_splits(args.data_dir)
+    model = cli._load_checked_model(args, splits, torch.device("cpu"))
+    images = splits.val.images[:args.calib_batches * 500]
+    qmodel, offset = quantize_for_export(model, config, images, splits.val.mean,
+                                         splits.val.std, num_batches=args.calib_batches)
+    network = build_lqz(qmodel, offset, list(splits.val.images.shape[1:]),
+                        {"config": config.to_dict()})
+    from logquant.engine.plan import plan
+
+    plan(network)  # refuse what the engine cannot compute, naming the op
+    return network
 
 
 def _float32_size(model: torch.nn.Module) -> int:
@@ -150,7 +185,7 @@ def cmd_run(args: argparse.Namespace, argv: list[str]) -> int:
     from logquant.cost import cost_report
     from logquant.engine import Engine
 
-    model = _load(args.lqz)
+    model = _network(args)
     engine = Engine(model, acc_bits=args.acc_bits)
     images, labels = _images(args, engine.plan.output.shape[0])
     engine.check_images(images)
@@ -167,7 +202,7 @@ def cmd_run(args: argparse.Namespace, argv: list[str]) -> int:
     seconds = time.perf_counter() - start
     cost = cost_report(model)["total"]
     widths = {layer.op["name"]: layer.acc_bits for layer in engine.plan.layers.values()}
-    summary = {"lqz": args.lqz, "split": args.split, "images": len(images),
+    summary = {"lqz": args.lqz, "config": args.config, "split": args.split, "images": len(images),
                "top1": 100.0 * correct / max(len(images), 1), "seconds": seconds,
                "accumulator_bits_needed": widths, "accumulator_bits": args.acc_bits,
                "overflows": overflows, "macs_per_image": cost["macs"],
@@ -181,7 +216,8 @@ def cmd_run(args: argparse.Namespace, argv: list[str]) -> int:
     for name, bits in widths.items():
         extra = f", {overflows[name]:,} saturated" if overflows.get(name) else ""
         print(f"  {name:<20} accumulator {bits} bits needed{extra}")
-    print(f"{args.lqz} on {args.split} ({len(images)} images): top-1 {summary['top1']:.2f} %  "
+    print(f"{args.lqz or args.config} on {args.split} ({len(images)} images): top-1 "
+          f"{summary['top1']:.2f} %  "
           f"integer engine, {seconds:.1f} s; {cost['shift_adds']:,} shift-adds and "
           f"{cost['multiplies']:,} multiplies per image")
     if args.verify:
@@ -202,7 +238,7 @@ def _compare(model, images, result, mismatches: dict) -> None:
 def cmd_cost(args: argparse.Namespace, argv: list[str]) -> int:
     from logquant.cost import cost_report, format_report
 
-    report = cost_report(_load(args.lqz))
+    report = cost_report(_network(args))
     print(json.dumps(report, sort_keys=True) if args.json else format_report(report))
     return 0
 

@@ -17,7 +17,7 @@ import math
 from typing import Any
 
 from logquant.engine.plan import LayerPlan, plan
-from logquant.formats import LinearFormat
+from logquant.formats import Format, LinearFormat
 from logquant.lqz import LqzModel
 
 ENERGY_SOURCE = ("M. Horowitz, Computing's energy problem (and what we can do about it), "
@@ -40,20 +40,22 @@ def sram_pj(bits: int | float) -> float:
     return bits * PJ["sram_64bit_read"] / 64
 
 
-def _input_bits(layer: LayerPlan) -> int:
-    return 8 if layer.x_table is None else layer.x_table.fmt.bits
-
-
 def layer_cost(layer: LayerPlan, inputs: int, out_shape: list[int]) -> dict[str, Any]:
-    """One layer's counts and energies per image (pJ); ``inputs``: values it reads."""
+    """One planned layer's counts and energies per image (pJ); ``inputs``: values it reads."""
     op = layer.op
-    outputs = math.prod(out_shape)
-    macs = outputs * layer.fan_in
-    w_fmt = layer.weight_format
     x_fmt = None if layer.x_table is None else layer.x_table.fmt
+    return op_cost(op["name"], op["op"], layer.weight_format, x_fmt, layer.fan_in,
+                   math.prod(op["shape"]), inputs, math.prod(out_shape), layer.acc_bits)
+
+
+def op_cost(name: str, kind: str, w_fmt: Format, x_fmt: Format | None, fan_in: int,
+            weights: int, inputs: int, outputs: int, acc: int) -> dict[str, Any]:
+    """Counts and energies per image (pJ) of one conv/linear layer from its formats and
+    sizes; ``x_fmt`` None means 8-bit integer pixels (the first layer)."""
+    macs = outputs * fan_in
     log_w = not isinstance(w_fmt, LinearFormat)
     log_x = x_fmt is not None and not isinstance(x_fmt, LinearFormat)
-    acc = layer.acc_bits
+    input_bits = 8 if x_fmt is None else x_fmt.bits
     exp_adder = max(w_fmt.magnitude_bits, x_fmt.magnitude_bits) + 1 if log_w and log_x else 0
     if log_w and log_x:
         span = (1 << w_fmt.magnitude_bits) + (1 << x_fmt.magnitude_bits) - 3
@@ -63,14 +65,14 @@ def layer_cost(layer: LayerPlan, inputs: int, out_shape: list[int]) -> dict[str,
         mac_pj = 2 * int_add_pj(acc)
     else:
         span = 0
-        mac_pj = int_mul_pj(max(w_fmt.bits, _input_bits(layer))) + int_add_pj(acc)
-    weights = math.prod(op["shape"])
-    weight_bits, act_bits = weights * w_fmt.bits, inputs * _input_bits(layer)
+        mac_pj = int_mul_pj(max(w_fmt.bits, input_bits)) + int_add_pj(acc)
+    weight_bits, act_bits = weights * w_fmt.bits, inputs * input_bits
     memory_pj = sram_pj(weight_bits + act_bits)
+    shift_adds = log_w or log_x
     return {
-        "layer": op["name"], "op": op["op"], "macs": macs,
-        "shift_adds": macs if layer.shift_adds else 0,
-        "multiplies": 0 if layer.shift_adds else macs,
+        "layer": name, "op": kind, "macs": macs,
+        "shift_adds": macs if shift_adds else 0,
+        "multiplies": 0 if shift_adds else macs,
         "weight_format": w_fmt.name, "input_format": x_fmt.name if x_fmt else "pixels (8 bit)",
         "exponent_adder_bits": exp_adder, "shifter_span": span, "accumulator_bits": acc,
         "weight_bits": weight_bits, "activation_bits_in": act_bits,
@@ -85,13 +87,8 @@ def layer_cost(layer: LayerPlan, inputs: int, out_shape: list[int]) -> dict[str,
     }
 
 
-def cost_report(model: LqzModel) -> dict[str, Any]:
-    """Per layer and total counts and energies (per image), as one JSON-able dict."""
-    p = plan(model)
-    rows = []
-    for out, layer in p.layers.items():
-        inputs = math.prod(p.values[layer.op["in"]].shape)
-        rows.append(layer_cost(layer, inputs, p.values[out].shape))
+def summarize(rows: list[dict[str, Any]]) -> dict[str, Any]:
+    """Totals over layers, with the energy ratios against fp32 and int8 datapaths."""
     total: dict[str, Any] = {key: sum(r[key] for r in rows) for key in (
         "macs", "shift_adds", "multiplies", "weight_bits", "activation_bits_in")}
     total["accumulator_bits"] = max(r["accumulator_bits"] for r in rows)
@@ -100,7 +97,17 @@ def cost_report(model: LqzModel) -> dict[str, Any]:
     e = total["energy_pj"]
     total["energy_vs_fp32"] = e["total"] / e["fp32_total"]
     total["energy_vs_int8"] = e["total"] / e["int8_total"]
-    return {"layers": rows, "total": total, "per": "image",
+    return total
+
+
+def cost_report(model: LqzModel) -> dict[str, Any]:
+    """Per layer and total counts and energies (per image), as one JSON-able dict."""
+    p = plan(model)
+    rows = []
+    for out, layer in p.layers.items():
+        inputs = math.prod(p.values[layer.op["in"]].shape)
+        rows.append(layer_cost(layer, inputs, p.values[out].shape))
+    return {"layers": rows, "total": summarize(rows), "per": "image",
             "energy_source": ENERGY_SOURCE, "energy_pj_table": PJ,
             "assumptions": [SHIFT_ASSUMPTION, "adds linear and multiplies quadratic in width",
                             "each weight and activation bit read once from SRAM"]}

@@ -115,3 +115,40 @@ def training_curves(histories: dict[str, list[dict]], path: Path) -> None:
     ax.legend()
     fig.tight_layout()
     _save(fig, path)
+
+
+def search_pareto(result: dict, references: list[dict], path: Path) -> None:
+    """Validation accuracy against the objective: the search path (accepted steps joined,
+    rejected ones hollow), the uniform configurations and PyTorch's int8 as references."""
+    fig, ax = plt.subplots(figsize=(7.5, 4.8))
+    steps = result["steps"]
+    accepted = [s for s in steps if s["accepted"]]
+    ax.plot([s["objective"] for s in accepted], [s["val_top1"] for s in accepted], "-o",
+            color="tab:blue", markersize=4, label="search path (accepted)")
+    rejected = [s for s in steps if not s["accepted"]]
+    ax.scatter([s["objective"] for s in rejected], [s["val_top1"] for s in rejected],
+               facecolors="none", edgecolors="tab:blue", s=18, label="rejected moves")
+    ax.scatter([result["objective"]], [result["val_top1"]], marker="*", s=220,
+               color="tab:orange", zorder=5, label="searched configuration")
+    for ref in references:
+        style = ("s", "tab:red") if ref["name"].startswith("PyTorch") else ("D", "tab:gray")
+        ax.scatter([ref["objective"]], [ref["val_top1"]], marker=style[0], color=style[1],
+                   s=30, zorder=4)
+        ax.annotate(ref["name"], (ref["objective"], ref["val_top1"]), fontsize=7,
+                    xytext=(4, 3), textcoords="offset points")
+    floor = result["float_val_top1"] - result["budget"]
+    ax.axhline(result["float_val_top1"], color="k", lw=0.8, ls=":", label="float")
+    ax.axhline(floor, color="tab:orange", lw=0.8, ls="--", label=f"budget (-{result['budget']})")
+    ax.set_xscale("log")
+    ax.set_xlabel("energy per image (pJ)" if result["objective_name"] == "energy"
+                  else "weight bits + activation bits per image")
+    ax.set_ylabel("validation top-1 (%)")
+    low = min([s["val_top1"] for s in accepted] + [floor]) - 1.5
+    ax.set_ylim(low, None)
+    below = [f"{r['name']} {r['val_top1']:.1f} %" for r in references if r["val_top1"] < low]
+    if below:
+        ax.text(0.01, 0.01, "below the axis: " + ", ".join(below), transform=ax.transAxes,
+                fontsize=6.5, color="tab:gray")
+    ax.legend(fontsize=7, loc="lower right")
+    ax.set_title("per-layer format search")
+    _save(fig, path)

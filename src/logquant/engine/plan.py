@@ -213,10 +213,8 @@ def _layer(op: dict, x: Value, model: LqzModel) -> LayerPlan:
         fan_in = shape[1]
     bias = model.biases.get(op["bias"]) if op["bias"] is not None else None
     bias_bound = int(bias.abs().max()) if bias is not None and bias.numel() else 0
-    product = x_bound * w_table.max_int
     odd_involved = is_sqrt2(w_fmt) or (x_table is not None and is_sqrt2(x_table.fmt))
-    bound_even = fan_in * product * (2 if odd_involved else 1) + bias_bound
-    bound_odd = fan_in * product if odd_involved else 0
+    bound_even, bound_odd = sum_bounds(w_table, x_bound, odd_involved, fan_in, bias_bound)
     combine = 0
     if odd_involved:
         combine = min(SQRT2_COMBINE_BITS, MAX_ACC_BITS - 1 - (bound_even + 2 * bound_odd)
@@ -225,6 +223,24 @@ def _layer(op: dict, x: Value, model: LqzModel) -> LayerPlan:
             raise LqzError("sums too wide to combine the sqrt2 parts with 8 fraction bits")
     return LayerPlan(op, w_fmt, w_table, x_table, x_bound, x_lsb + w_table.lsb, fan_in,
                      bound_even, bound_odd, combine)
+
+
+def sum_bounds(w_table: CodeTable, x_bound: int, odd_involved: bool, fan_in: int,
+               bias_bound: int = 0) -> tuple[int, int]:
+    """Largest |A| (bias included) and |B| of a layer's sums A + B sqrt2."""
+    product = x_bound * w_table.max_int
+    if not odd_involved:
+        return fan_in * product + bias_bound, 0
+    return 2 * fan_in * product + bias_bound, fan_in * product
+
+
+def accumulator_bits(w_fmt: Format, x_fmt: Format | None, fan_in: int,
+                     x_bound: int = 255) -> int:
+    """Accumulator width (sign included) that no input overflows, before the bias: from the
+    formats and the fan-in alone (``x_fmt`` None: integers up to ``x_bound``, pixels)."""
+    x_bound = x_bound if x_fmt is None else code_table(x_fmt).max_int
+    odd = is_sqrt2(w_fmt) or is_sqrt2(x_fmt)
+    return max(sum_bounds(code_table(w_fmt), x_bound, odd, fan_in)).bit_length() + 1
 
 
 def sqrt2_constant(bits: int) -> int:
