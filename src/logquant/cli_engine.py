@@ -221,8 +221,13 @@ def cmd_run(args: argparse.Namespace, argv: list[str]) -> int:
           f"integer engine, {seconds:.1f} s; {cost['shift_adds']:,} shift-adds and "
           f"{cost['multiplies']:,} multiplies per image")
     if args.verify:
+        note = ""
+        if any(layer.sqrt2 for layer in engine.plan.layers.values()):
+            note = (" (base sqrt2: the simulation rounds sqrt2, so exact ties such as "
+                    "A + 0 sqrt2 = 0.5 can fall on the wrong side there; the engine's integer "
+                    "sums get them right)")
         print(f"float64 simulation: {mismatches['codes']} activation codes and "
-              f"{mismatches['logits']} logits differ")
+              f"{mismatches['logits']} logits differ{note}")
     return 0
 
 

@@ -43,7 +43,7 @@ def add_commands(sub) -> None:
                    help="validation images that decide the budget")
     p.add_argument("--sensitivity-size", type=cli._positive_int, default=1000,
                    help="validation images per sensitivity measurement")
-    p.add_argument("--max-evals", type=cli._positive_int, default=60,
+    p.add_argument("--max-evals", type=cli._positive_int, default=120,
                    help="at most this many greedy steps (each validated)")
     p.add_argument("--bits", type=cli._bit_list, default=(2, 3, 4, 5, 6, 7, 8),
                    metavar="2,3,...,8", help="candidate bit widths (lin, log, logsqrt2)")

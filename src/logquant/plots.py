@@ -149,6 +149,6 @@ def search_pareto(result: dict, references: list[dict], path: Path) -> None:
     if below:
         ax.text(0.01, 0.01, "below the axis: " + ", ".join(below), transform=ax.transAxes,
                 fontsize=6.5, color="tab:gray")
-    ax.legend(fontsize=7, loc="lower right")
+    ax.legend(fontsize=7, loc="center right")
     ax.set_title("per-layer format search")
     _save(fig, path)

@@ -20,7 +20,8 @@ from logquant.formats import Format, parse_format
 from logquant.lqz import LqzError, LqzModel
 
 MAX_ACC_BITS = 62  # accumulators live in int64 (one bit of headroom for the sign)
-SQRT2_COMBINE_BITS = 30  # at most this many fraction bits for sqrt2 * odd sums
+SQRT2_COMBINE_BITS = 40  # at most this many fraction bits for sqrt2 * odd sums
+POOL_HEADROOM = 12  # bits left above combined sqrt2 sums for average pools and adds
 
 
 @dataclasses.dataclass
@@ -217,8 +218,8 @@ def _layer(op: dict, x: Value, model: LqzModel) -> LayerPlan:
     bound_even, bound_odd = sum_bounds(w_table, x_bound, odd_involved, fan_in, bias_bound)
     combine = 0
     if odd_involved:
-        combine = min(SQRT2_COMBINE_BITS, MAX_ACC_BITS - 1 - (bound_even + 2 * bound_odd)
-                      .bit_length())
+        combine = min(SQRT2_COMBINE_BITS, MAX_ACC_BITS - 1 - POOL_HEADROOM
+                      - (bound_even + 2 * bound_odd).bit_length())
         if combine < 8:
             raise LqzError("sums too wide to combine the sqrt2 parts with 8 fraction bits")
     return LayerPlan(op, w_fmt, w_table, x_table, x_bound, x_lsb + w_table.lsb, fan_in,
