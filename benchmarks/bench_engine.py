@@ -27,7 +27,7 @@ from logquant.baselines import pytorch_int8
 from logquant.config import QuantConfig
 from logquant.data import load_splits
 from logquant.engine import Engine
-from logquant.export import build_lqz, quantize_for_export
+from logquant.export import build_lqz, float32_size, quantize_for_export
 from logquant.models import BUNDLED_WEIGHTS, load_model
 
 sys.path.insert(0, str(Path(__file__).parent))
@@ -42,19 +42,6 @@ def export(spec: str, splits, path: Path):
                                          splits.val.images[:2000], splits.val.mean,
                                          splits.val.std, num_batches=8)
     return qmodel, lqz.save(build_lqz(qmodel, offset, [1, 28, 28]), path)
-
-
-def float32_size(qmodel) -> int:
-    from safetensors.torch import save
-
-    from logquant.nn import _QuantizedLayer
-
-    tensors = {}
-    for name, m in qmodel.named_modules():
-        if isinstance(m, _QuantizedLayer):
-            tensors[name + ".weight"] = m.weight.detach().float()
-            tensors[name + ".bias"] = m.bias.detach().float()
-    return len(save(tensors))
 
 
 def accuracy(predict, splits) -> float:

@@ -42,23 +42,15 @@ def test_file_is_a_standard_safetensors_container(refcnn_export):
 
 def test_three_bit_file_is_over_ten_times_smaller_than_float32(fashion, tmp_path):
     """Target: at least 0.95 * 32/3 smaller than the float32 safetensors of the weights."""
-    from safetensors.torch import save
-
     from logquant.config import QuantConfig
-    from logquant.export import build_lqz, quantize_for_export
+    from logquant.export import build_lqz, float32_size, quantize_for_export
     from logquant.models import load_model
-    from logquant.nn import _QuantizedLayer
 
     config = QuantConfig(conv_weights="log3", fc_weights="log3", acts="log3")
     qmodel, offset = quantize_for_export(load_model("refcnn"), config, fashion.val.images[:500],
                                          fashion.val.mean, fashion.val.std, num_batches=2)
     size = lqz.save(build_lqz(qmodel, offset, [1, 28, 28]), tmp_path / "m.lqz")
-    tensors = {}
-    for name, m in qmodel.named_modules():
-        if isinstance(m, _QuantizedLayer):
-            tensors[name + ".weight"] = m.weight.detach().float()
-            tensors[name + ".bias"] = m.bias.detach().float()
-    float_size = len(save(tensors))
+    float_size = float32_size(qmodel)
     assert float_size / size >= 0.95 * 32 / 3, (float_size, size)
 
 

@@ -96,26 +96,11 @@ def _network(args: argparse.Namespace):
     return network
 
 
-def _float32_size(model: torch.nn.Module) -> int:
-    """Bytes of the float32 safetensors file of the exported layers' weights and biases."""
-    from safetensors.torch import save
-
-    from logquant.nn import _QuantizedLayer
-
-    tensors = {}
-    for name, module in model.named_modules():
-        if isinstance(module, _QuantizedLayer):
-            tensors[f"{name}.weight"] = module.weight.detach().float().contiguous()
-            if module.bias is not None:
-                tensors[f"{name}.bias"] = module.bias.detach().float().contiguous()
-    return len(save(tensors))
-
-
 def cmd_export(args: argparse.Namespace, argv: list[str]) -> int:
     from logquant import lqz
     from logquant.data import load_splits
     from logquant.engine import Engine
-    from logquant.export import build_lqz, quantize_for_export
+    from logquant.export import build_lqz, float32_size, quantize_for_export
 
     config = cli.config_from_args(args)
     splits = load_splits(args.data_dir, args.image_size)
@@ -133,7 +118,7 @@ def cmd_export(args: argparse.Namespace, argv: list[str]) -> int:
     network = build_lqz(qmodel, offset, list(splits.val.images.shape[1:]), meta)
     engine = Engine(network)  # refuses, naming the op, what it could not compute exactly
     size = lqz.save(network, args.out, compress=args.compress)
-    reference = _float32_size(qmodel)
+    reference = float32_size(qmodel)
     for layer in engine.plan.layers.values():
         x = layer.x_table.fmt.name if layer.x_table is not None else "pixels"
         print(f"  {layer.op['name']:<20} weights {layer.weight_format.name:<14} input "

@@ -365,3 +365,17 @@ def hoist_quantizers(ops: list[dict[str, Any]]) -> list[dict[str, Any]]:
             changed = True
             break
     return ops
+
+
+def float32_size(qmodel: nn.Module) -> int:
+    """Bytes of a float32 safetensors file of the quantized layers' weights and biases: the
+    reference the .lqz file's size is compared with."""
+    from safetensors.torch import save
+
+    tensors = {}
+    for name, module in qmodel.named_modules():
+        if isinstance(module, _QuantizedLayer):
+            tensors[f"{name}.weight"] = module.weight.detach().float().contiguous()
+            if module.bias is not None:
+                tensors[f"{name}.bias"] = module.bias.detach().float().contiguous()
+    return len(save(tensors))
