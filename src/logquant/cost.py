@@ -16,7 +16,7 @@ from __future__ import annotations
 import math
 from typing import Any
 
-from logquant.engine.plan import LayerPlan, plan
+from logquant.engine.plan import LayerPlan, Plan, plan
 from logquant.formats import Format, LinearFormat
 from logquant.lqz import LqzModel
 
@@ -100,9 +100,10 @@ def summarize(rows: list[dict[str, Any]]) -> dict[str, Any]:
     return total
 
 
-def cost_report(model: LqzModel) -> dict[str, Any]:
-    """Per layer and total counts and energies (per image), as one JSON-able dict."""
-    p = plan(model)
+def cost_report(model: LqzModel, planned: Plan | None = None) -> dict[str, Any]:
+    """Per layer and total counts and energies (per image), as one JSON-able dict;
+    ``planned``: the model's plan, if the caller has it already."""
+    p = planned or plan(model)
     rows = []
     for out, layer in p.layers.items():
         inputs = math.prod(p.values[layer.op["in"]].shape)

@@ -10,6 +10,7 @@ shift, and a layer's sum is an integer on the grid 2^(lsb_x + lsb_w).
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 from collections.abc import Callable
 from fractions import Fraction
@@ -50,6 +51,7 @@ class CodeTable:
         return max(abs(v) for v in self.ints)
 
 
+@functools.cache
 def code_table(fmt: Format) -> CodeTable:
     m = fmt.magnitude_bits
     lsb = grid_exponent(fmt)
@@ -126,6 +128,7 @@ def _at_least_root_fraction(v: Fraction, k: int, q: int) -> bool:
     return num >= den * 2**q if q >= 0 else num * 2**-q >= den
 
 
+@functools.cache
 def thresholds(fmt: Format, exponent: int, denominator: int = 1) -> list[int]:
     """t_c for c = 1 .. 2^m - 1: an accumulator a (value a * 2^exponent / denominator)
     gets magnitude code c exactly when t_c <= |a| < t_(c+1). Exact integers, capped at

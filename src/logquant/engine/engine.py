@@ -25,6 +25,7 @@ from logquant.engine.plan import (
     plan,
     relu6_limit,
     sqrt2_constant,
+    to_accumulator,
 )
 from logquant.formats import parse_format
 from logquant.lqz import LqzError, LqzModel
@@ -292,8 +293,7 @@ class Engine:
         total = None
         for name in op["in"]:
             x = self._as_acc(env[name], values[name])
-            exponent = values[name].exponent if not values[name].is_codes else \
-                code_table(values[name].fmt).lsb
+            exponent = to_accumulator(values[name]).exponent
             x = _wide(x, values[op["out"]])
             x = torch.bitwise_left_shift(x, exponent - out_exp) if x.dtype == torch.int64 \
                 else x * float(1 << (exponent - out_exp))

@@ -5,23 +5,34 @@ agree with it bit for bit (tests/test_engine.py)."""
 
 from __future__ import annotations
 
+import functools
+
 import torch
 
-from logquant.engine.arith import CodeTable, sqrt2_ceiling
+from logquant.engine.arith import CodeTable, code_table, sqrt2_ceiling
 from logquant.engine.plan import LayerPlan
 from logquant.formats import Format, LinearFormat, LogFormat
 
 
+@functools.cache
+def _fields(fmt: Format) -> tuple[torch.Tensor, ...]:
+    """Per code of ``fmt``: (integer, sign, exponent of the magnitude, parity, zero)."""
+    table = code_table(fmt)
+    mags = [abs(v) for v in table.ints]
+    return (torch.tensor(table.ints), torch.tensor([v < 0 for v in table.ints]),
+            torch.tensor([m.bit_length() - 1 if m else 0 for m in mags]),
+            torch.tensor(table.odd), torch.tensor([m == 0 for m in mags]))
+
+
 def _operand(table: CodeTable | None, x: torch.Tensor):
     """Split codes into (sign, exponent or integer, parity, zero); pixels are integers."""
-    if table is None or isinstance(table.fmt, LinearFormat):
-        ints = x.long() if table is None else torch.tensor(table.ints)[x.long()]
-        return ("int", ints)
-    mags = [abs(v) for v in table.ints]
-    exps = torch.tensor([m.bit_length() - 1 if m else 0 for m in mags])
+    if table is None:
+        return ("int", x.long())
+    ints, sign, exps, odd, zero = _fields(table.fmt)
     idx = x.long()
-    return ("shift", torch.tensor([v < 0 for v in table.ints])[idx], exps[idx],
-            torch.tensor(table.odd)[idx], torch.tensor([m == 0 for m in mags])[idx])
+    if isinstance(table.fmt, LinearFormat):
+        return ("int", ints[idx])
+    return ("shift", sign[idx], exps[idx], odd[idx], zero[idx])
 
 
 def _product(x, w) -> tuple[torch.Tensor, torch.Tensor | None]:

@@ -198,8 +198,8 @@ def _layer(op: dict, x: Value, model: LqzModel) -> LayerPlan:
     w_table = code_table(w_fmt)
     shape = op["shape"]
     if x.is_codes:
-        x_table, x_bound, x_lsb = code_table(x.fmt), code_table(x.fmt).max_int, \
-            code_table(x.fmt).lsb
+        x_table = code_table(x.fmt)
+        x_bound, x_lsb = x_table.max_int, x_table.lsb
     elif x.denominator == 1:
         x_table, x_bound, x_lsb = None, x.bound, x.exponent
     else:
