@@ -13,6 +13,7 @@ from logquant.export import build_lqz, quantize_for_export
 from logquant.lqz import LqzError
 from logquant.models import load_model
 from logquant.simulate import simulate
+from user_models import Residual, export
 
 
 def assert_same(a, b):
@@ -65,36 +66,6 @@ def test_whole_test_set_has_zero_mismatches(refcnn_export, fashion):
         correct += int((result.logits.argmax(1) == fashion.test.labels[start:start + 1000])
                        .sum())
     assert correct / len(fashion.test) > 0.90
-
-
-class Residual(nn.Module):
-    """Every op the engine runs: conv (strided, grouped, dilated), add, relu6, pools."""
-
-    def __init__(self):
-        super().__init__()
-        self.stem = nn.Conv2d(1, 8, 3, padding=1)
-        self.a = nn.Conv2d(8, 8, 3, padding=2, dilation=2, groups=2)
-        self.b = nn.Conv2d(8, 8, 1)
-        self.down = nn.Conv2d(8, 16, 3, stride=2, padding=1)
-        self.pool = nn.MaxPool2d(3, stride=2, padding=1)
-        self.avg = nn.AvgPool2d(2)
-        self.head = nn.Linear(16, 10)
-
-    def forward(self, x):
-        x = torch.relu(self.stem(x))
-        y = nn.functional.relu6(self.b(torch.relu(self.a(x))))
-        x = self.pool(x + y)
-        x = self.avg(torch.relu(self.down(x)))
-        x = nn.functional.adaptive_avg_pool2d(x, 1)
-        return self.head(torch.flatten(x, 1))
-
-
-def export(model, spec_w, spec_a, fashion, count=256):
-    torch.manual_seed(0)
-    config = QuantConfig(conv_weights=spec_w, fc_weights=spec_w, acts=spec_a)
-    qmodel, offset = quantize_for_export(model, config, fashion.val.images[:count],
-                                         fashion.val.mean, fashion.val.std, num_batches=1)
-    return build_lqz(qmodel, offset, [1, 28, 28])
 
 
 @pytest.mark.parametrize("spec_w,spec_a", [

@@ -206,10 +206,13 @@ def test_entropy_coded_file_round_trips_near_the_entropy(refcnn_export, tmp_path
         assert torch.equal(loaded.weights[name], codes), name
     _, arrays = lqz.read_container(tmp_path / "c.lqz")
     count = sum(c.numel() for c in network.weights.values())
-    coded = sum(8 * (arrays[n].nbytes + arrays[n + ".freq"].nbytes) for n in network.weights)
+    coded = sum(8 * (arrays[n].nbytes + (arrays[n + ".freq"].nbytes if n + ".freq" in arrays
+                                         else 0)) for n in network.weights)
     limit = sum(empirical_entropy_bits(c.numpy()) for c in network.weights.values())
     assert limit / count < coded / count < limit / count * 1.01 + 0.01
     assert coded / count < 4  # better than packing the 4-bit codes
+    encodings = {op["name"]: op["weight_encoding"] for op in loaded.layer_ops()}
+    assert list(encodings.values()).count("rans") >= len(encodings) - 1, encodings
 
 
 def test_damaged_entropy_coded_weights_are_rejected(refcnn_export, tmp_path):
@@ -229,3 +232,44 @@ def test_damaged_entropy_coded_weights_are_rejected(refcnn_export, tmp_path):
     for edit in (flip, truncate, table):
         assert_rejected(_rewrite(tmp_path / "c.lqz", tmp_path / "bad.lqz", edit_arrays=edit),
                         "classifier.1")
+
+
+def test_weight_count_beyond_64_bits_is_rejected_not_wrapped(refcnn_export, tmp_path):
+    """2^16 in each of four dims is 2^64 weights: a wrapped product would claim zero."""
+    _, _, path = refcnn_export
+
+    def huge(h):
+        next(op for op in h["ops"] if op["op"] == "conv")["shape"] = [1 << 16] * 4
+
+    assert_rejected(_rewrite(path, tmp_path / "huge.lqz", huge), "bytes, the file holds")
+
+
+def test_entropy_coded_layer_cannot_claim_more_weights_than_its_stream_holds(refcnn_export,
+                                                                             tmp_path):
+    """The reader allocates what the shape claims only up to 32 codes per stream byte."""
+    network, _, _ = refcnn_export
+    lqz.save(network, tmp_path / "c.lqz", compress=True)
+
+    def huge(h):
+        op = next(op for op in h["ops"] if op["op"] == "linear")
+        op["shape"] = [1 << 20, 1 << 10]
+
+    assert_rejected(_rewrite(tmp_path / "c.lqz", tmp_path / "bad.lqz", huge),
+                    "cannot come from", "at most 32 per byte")
+
+
+def test_near_constant_layer_is_packed_even_when_compressing(tmp_path):
+    """Entropy coding would need less than 1/4 bit per weight there: the writer packs it,
+    so honest files never trip the reader's limit."""
+    codes = torch.zeros(64, 64, 3, 3, dtype=torch.uint8)
+    codes[0, 0, 0, 0] = 3
+    header = {"format": lqz.MAGIC, "version": lqz.VERSION, "ops": [
+        {"op": "input", "out": "x", "shape": [64, 8, 8], "offset": [0] * 64},
+        {"op": "conv", "in": "x", "out": "c", "name": "c", "weight": "c.weight", "bias": None,
+         "weight_format": "log4s@fsr0", "shape": [64, 64, 3, 3], "stride": [1, 1],
+         "padding": [1, 1], "dilation": [1, 1], "groups": 1},
+        {"op": "output", "in": "c", "out": "y"}]}
+    lqz.save(lqz.LqzModel(header, {"c.weight": codes}, {}), tmp_path / "m.lqz", compress=True)
+    loaded = lqz.load(tmp_path / "m.lqz")
+    assert loaded.ops[1]["weight_encoding"] == "packed"
+    assert torch.equal(loaded.weights["c.weight"], codes)

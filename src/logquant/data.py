@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import gzip
+import math
 import os
 from pathlib import Path
 
@@ -94,7 +95,7 @@ def read_idx(path: str | Path) -> np.ndarray:
     if ndim == 0 or len(raw) < header:
         raise DataError(f"{path}: truncated IDX header")
     shape = tuple(int.from_bytes(raw[4 + 4 * i: 8 + 4 * i], "big") for i in range(ndim))
-    expected = int(np.prod(shape))
+    expected = math.prod(shape)  # exact: numpy's product wraps around at 2^64
     if len(raw) - header != expected:
         raise DataError(f"{path}: IDX header says {shape} = {expected} bytes of data, "
                         f"file has {len(raw) - header}")

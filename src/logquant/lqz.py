@@ -16,6 +16,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import math
 import os
 import struct
 from pathlib import Path
@@ -32,6 +33,9 @@ MAGIC = "logquant-lqz"
 VERSION = 1
 MAX_HEADER_BYTES = 1 << 22  # a network description is a few kB; refuse absurd headers
 MAX_TENSORS = 4096
+# An entropy-coded layer may decode to at most this many codes per byte of its stream
+# (1/4 bit per weight): the reader's allocation stays within a fixed multiple of the file.
+MAX_CODES_PER_RANS_BYTE = 32
 
 # op -> required fields (besides "op", "in", "out"); "in" is a list for "add"
 OPS: dict[str, tuple[str, ...]] = {
@@ -122,6 +126,17 @@ def to_arrays(model: LqzModel) -> dict[str, np.ndarray]:
     return arrays
 
 
+def _rans_pays(codes: torch.Tensor, fmt: Format) -> bool:
+    """Entropy-code a layer only where that is smaller than packing and within the codes
+    per stream byte that the reader accepts (a near-constant layer is packed instead)."""
+    from logquant import entropy
+
+    flat = codes.numpy().reshape(-1).astype(np.uint8)
+    stream = entropy.encode(flat, entropy.frequencies(flat, fmt.num_codes))
+    return (len(stream) + 2 * fmt.num_codes < packed_size(flat.size, fmt.bits)
+            and flat.size <= MAX_CODES_PER_RANS_BYTE * len(stream))
+
+
 _DTYPE_NAMES = {np.dtype(v): k for k, v in _DTYPES.items()}
 
 
@@ -150,7 +165,9 @@ def save(model: LqzModel, path: str | os.PathLike, compress: bool = False) -> in
     header = json.loads(json.dumps(model.header))
     for op in header["ops"]:
         if op["op"] in ("conv", "linear"):
-            op["weight_encoding"] = "rans" if compress else "packed"
+            rans = compress and _rans_pays(model.weights[op["weight"]],
+                                           parse_format(op["weight_format"]))
+            op["weight_encoding"] = "rans" if rans else "packed"
     model = LqzModel(header, model.weights, model.biases)
     validate_header(model.header)
     arrays = to_arrays(model)
@@ -260,7 +277,7 @@ def _unpack(header: dict[str, Any], arrays: dict[str, np.ndarray]) -> LqzModel:
             continue
         fmt = parse_format(op["weight_format"])
         shape, name = op["shape"], op["weight"]
-        count = int(np.prod(shape))
+        count = math.prod(shape)  # exact: numpy's product wraps around at 2^64
         packed = arrays.get(name)
         if packed is None or packed.dtype != np.uint8 or packed.ndim != 1:
             raise LqzError(f"{op['name']}: weight tensor {name!r} missing or not bytes")
@@ -296,6 +313,9 @@ def _decode_rans(op: dict, stream: np.ndarray, freqs, fmt: Format, count: int) -
         raise LqzError(f"{op['name']}: frequency table missing or not {fmt.num_codes} counts")
     if stream.size > 2 * packed_size(count, 8) + 64:  # far above any honest stream
         raise LqzError(f"{op['name']}: entropy-coded weights larger than possible")
+    if count > MAX_CODES_PER_RANS_BYTE * stream.size:
+        raise LqzError(f"{op['name']}: {count} weights cannot come from a {stream.size}-byte "
+                       f"stream (at most {MAX_CODES_PER_RANS_BYTE} per byte)")
     try:
         codes = entropy.decode(stream.tobytes(), freqs, count)
     except entropy.EntropyError as exc:
@@ -326,7 +346,7 @@ def validate_header(header: Any) -> None:
     tensors: set[str] = set()
     for i, op in enumerate(ops):
         where = f"op {i}"
-        if not isinstance(op, dict) or op.get("op") not in OPS:
+        if not isinstance(op, dict) or not isinstance(op.get("op"), str) or op["op"] not in OPS:
             kind = op.get("op") if isinstance(op, dict) else op
             raise LqzError(f"{where}: unknown op {kind!r}; this engine runs "
                            f"{', '.join(OPS)}")
@@ -335,7 +355,8 @@ def validate_header(header: Any) -> None:
             raise LqzError(f"{where} ({op['op']}): missing field {missing[0]!r}")
         inputs = [] if op["op"] == "input" else (
             op.get("in") if op["op"] == "add" else [op.get("in")])
-        if not isinstance(inputs, list) or any(v not in defined for v in inputs) or (
+        if not isinstance(inputs, list) or any(
+                not isinstance(v, str) or v not in defined for v in inputs) or (
                 op["op"] == "add" and len(inputs) != 2):
             raise LqzError(f"{where} ({op['op']}): input {op.get('in')!r} is not an earlier "
                            "op's output")
@@ -400,6 +421,8 @@ def _validate_fields(op: dict[str, Any], where: str, tensors: set[str]) -> None:
                 op["dilation"]) < 1) or any(2 * p > k for p, k in zip(op["padding"],
                                                                        op["kernel"])):
             raise LqzError(f"{where} ({kind}): invalid kernel, stride, padding or dilation")
+        if kind == "avgpool" and op.get("dilation", [1, 1]) != [1, 1]:
+            raise LqzError(f"{where} (avgpool): average pooling has no dilation")
         if type(op["ceil_mode"]) is not bool or (kind == "avgpool" and type(
                 op["count_include_pad"]) is not bool):
             raise LqzError(f"{where} ({kind}): ceil_mode/count_include_pad must be booleans")
