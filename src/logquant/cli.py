@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import json
 import shlex
@@ -15,7 +16,12 @@ from logquant.errors import LogquantError
 
 
 class _Parser(argparse.ArgumentParser):
-    """argparse that reports a bad command line in one line, exit code 2."""
+    """argparse that reports a bad command line in one line, exit code 2, and takes options
+    only by their full names (an abbreviation would change meaning when options are added)."""
+
+    def __init__(self, *args, **kwargs):
+        kwargs.setdefault("allow_abbrev", False)
+        super().__init__(*args, **kwargs)
 
     def error(self, message: str):
         raise LogquantError(f"{self.prog}: {message}")
@@ -62,12 +68,16 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("train", help="train a model, in float or quantization-aware "
                        "(--weights/--acts/--grads)")
     _add_common(p)
-    p.add_argument("--epochs", type=_positive_int, default=15)
+    p.add_argument("--epochs", type=_positive_int, default=15, help="passes over the "
+                   "training split (default 15)")
     p.add_argument("--train-batch-size", type=_positive_int, default=128,
                    help="global batch (split across torchrun processes)")
-    p.add_argument("--lr", type=float, default=0.05)
-    p.add_argument("--warmup-epochs", type=int, default=1)
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--lr", type=float, default=0.05,
+                   help="peak learning rate of SGD with Nesterov momentum (default 0.05)")
+    p.add_argument("--warmup-epochs", type=int, default=1,
+                   help="linear warm-up before the cosine decay (default 1)")
+    p.add_argument("--seed", type=int, default=0,
+                   help="initialization, data order and augmentation (default 0)")
     p.add_argument("--out", required=True, help="output .safetensors file (final weights)")
     p.add_argument("--checkpoint-dir", default=None,
                    help="per-epoch checkpoints (default: OUT without suffix + '.ckpt')")
@@ -82,7 +92,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="fold BatchNorm into the convs before quantization-aware training")
     p.add_argument("--test-each-epoch", action="store_true",
                    help="record test accuracy per epoch (curves; never used to choose)")
-    p.add_argument("--no-progress", action="store_true")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
     p.set_defaults(func=cmd_train)
 
     p = sub.add_parser("eval", help="top-1/top-5 of a model in float or with chosen formats")
@@ -113,22 +123,25 @@ def build_parser() -> argparse.ArgumentParser:
                        help="activation bit widths of the activation grids")
         p.add_argument("--val-size", type=_positive_int, default=2000,
                        help="validation images per point (selection); test is always full")
-        p.add_argument("--calib-batches", type=_positive_int, default=4)
+        p.add_argument("--calib-batches", type=_positive_int, default=4,
+                       help="validation batches used to calibrate FSRs (default 4)")
         p.add_argument("--oracle", action="store_true",
                        help="also measure every global FSR on the test set (slow; labelled)")
         p.add_argument("--force", action="store_true", help="overwrite a folder holding "
                        "something else")
-        p.add_argument("--no-progress", action="store_true")
+        p.add_argument("--no-progress", action="store_true", help="no progress bars")
         p.set_defaults(func=cmd_reproduce if name == "reproduce" else cmd_sweep)
     p = sub.add_parser("reproduce-training", help="the paper's training claim: float vs lin5 "
                        "vs log5 from scratch, plus log4/log3 fine-tuning")
-    p.add_argument("--data-dir", default=None)
-    p.add_argument("--device", default="cpu")
+    p.add_argument("--data-dir", default=None, help="as for eval")
+    p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ...")
     p.add_argument("--out", required=True, help="output folder (resumes an earlier run)")
-    p.add_argument("--epochs", type=_positive_int, default=15)
-    p.add_argument("--finetune-epochs", type=_positive_int, default=3)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--no-progress", action="store_true")
+    p.add_argument("--epochs", type=_positive_int, default=15,
+                   help="epochs of each from-scratch run (default 15)")
+    p.add_argument("--finetune-epochs", type=_positive_int, default=3,
+                   help="epochs of each log4/log3 fine-tuning run (default 3)")
+    p.add_argument("--seed", type=int, default=0, help="seed of every run (default 0)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
     p.set_defaults(func=cmd_reproduce_training)
     from logquant import cli_engine, cli_search  # here: those modules read this one
 
@@ -139,15 +152,18 @@ def build_parser() -> argparse.ArgumentParser:
 
 def cmd_reproduce_training(args: argparse.Namespace, argv: list[str]) -> int:
     from logquant.data import load_splits
+    from logquant.io import check_output_path, output_lock
     from logquant.training_experiment import reproduce_training
 
+    out = check_output_path(args.out, folder=True)
     device = _device(args.device)
     splits = load_splits(args.data_dir)
-    summary = reproduce_training(splits, Path(args.out), epochs=args.epochs,
-                                 finetune_epochs=args.finetune_epochs, seed=args.seed,
-                                 device=device, command="logquant " + shlex.join(argv),
-                                 progress=not args.no_progress,
-                                 log=lambda m: print(m, file=sys.stderr))
+    with output_lock(out):
+        summary = reproduce_training(splits, out, epochs=args.epochs,
+                                     finetune_epochs=args.finetune_epochs, seed=args.seed,
+                                     device=device, command="logquant " + shlex.join(argv),
+                                     progress=not args.no_progress,
+                                     log=lambda m: print(m, file=sys.stderr))
     print(summary)
     return 0
 
@@ -305,9 +321,11 @@ def _fsr_range(text: str) -> tuple[int, int]:
 def _sweep_inputs(args: argparse.Namespace):
     """Data, model, output folder, manifest and settings shared by sweep and reproduce."""
     from logquant.data import load_splits
+    from logquant.io import check_output_path
     from logquant.models import BUNDLED_WEIGHTS
     from logquant.sweep import SWEEP_VERSION, SweepSettings, file_sha256
 
+    check_output_path(args.out, folder=True)
     device = _device(args.device)
     splits = load_splits(args.data_dir, args.image_size)
     model = _load_checked_model(args, splits, torch.device("cpu"))
@@ -324,6 +342,7 @@ def _sweep_inputs(args: argparse.Namespace):
 
 
 def cmd_sweep(args: argparse.Namespace, argv: list[str]) -> int:
+    from logquant.io import output_lock
     from logquant.sweep import default_fsr_range, paper_grid, prepare_sweep, run_sweep
 
     splits, model, out, manifest, settings = _sweep_inputs(args)
@@ -332,22 +351,25 @@ def cmd_sweep(args: argparse.Namespace, argv: list[str]) -> int:
     points = paper_grid(fsr_range, args.fsr_method, args.act_bits)
     manifest.update(fsr_range=list(fsr_range), fsr_method=args.fsr_method,
                     act_bits=list(args.act_bits), points=len(points))
-    run_sweep(model, splits, points, out, manifest, settings, force=args.force,
-              progress=not args.no_progress, log=lambda m: print(m, file=sys.stderr),
-              prepared=prepared)
+    with output_lock(out):
+        run_sweep(model, splits, points, out, manifest, settings, force=args.force,
+                  progress=not args.no_progress, log=lambda m: print(m, file=sys.stderr),
+                  prepared=prepared)
     return 0
 
 
 def cmd_reproduce(args: argparse.Namespace, argv: list[str]) -> int:
     from logquant.experiments import reproduce
+    from logquant.io import output_lock
 
     splits, model, out, manifest, settings = _sweep_inputs(args)
-    summary = reproduce(model, splits, out, manifest, settings,
-                        command="logquant " + shlex.join(argv), model_name=args.model,
-                        fsr_range=args.fsr_range, method=args.fsr_method,
-                        act_bits=args.act_bits, force=args.force,
-                        progress=not args.no_progress,
-                        log=lambda m: print(m, file=sys.stderr))
+    with output_lock(out):
+        summary = reproduce(model, splits, out, manifest, settings,
+                            command="logquant " + shlex.join(argv), model_name=args.model,
+                            fsr_range=args.fsr_range, method=args.fsr_method,
+                            act_bits=args.act_bits, force=args.force,
+                            progress=not args.no_progress,
+                            log=lambda m: print(m, file=sys.stderr))
     if summary:
         print(summary)
         print(f"report: {out / 'REPORT.md'}")
@@ -358,14 +380,22 @@ def cmd_train(args: argparse.Namespace, argv: list[str]) -> int:
     from logquant.data import load_splits
     from logquant.distributed import init_distributed
     from logquant.evaluate import evaluate
-    from logquant.io import load_weights, save_weights, write_json_atomic
+    from logquant.io import (
+        check_output_path,
+        load_weights,
+        output_lock,
+        save_weights,
+        write_json_atomic,
+    )
     from logquant.models import create_model
     from logquant.qat import prepare_qat
     from logquant.train import TrainConfig, train
 
-    out = Path(args.out)
+    out = check_output_path(args.out)
     if out.suffix != ".safetensors":
         raise LogquantError(f"--out {out}: the file name must end in .safetensors")
+    ckpt = check_output_path(Path(args.checkpoint_dir) if args.checkpoint_dir
+                             else out.with_suffix(".ckpt"), folder=True)
     config = config_from_args(args)
     if args.grads:
         config = dataclasses.replace(config, grads=args.grads)
@@ -387,10 +417,12 @@ def cmd_train(args: argparse.Namespace, argv: list[str]) -> int:
     cfg = TrainConfig(epochs=args.epochs, batch_size=args.train_batch_size, lr=args.lr,
                       seed=args.seed, warmup_epochs=args.warmup_epochs,
                       test_each_epoch=args.test_each_epoch)
-    ckpt = Path(args.checkpoint_dir) if args.checkpoint_dir else out.with_suffix(".ckpt")
-    summary = train(model, splits, cfg, device, checkpoint_dir=ckpt, resume=args.resume,
-                    progress=not args.no_progress,
-                    log=lambda line: print(line, file=sys.stderr))
+    # one training run per checkpoint folder (rank 0 writes it; other ranks only read)
+    lock = output_lock(ckpt) if rank == 0 else contextlib.nullcontext()
+    with lock:
+        summary = train(model, splits, cfg, device, checkpoint_dir=ckpt, resume=args.resume,
+                        progress=not args.no_progress,
+                        log=lambda line: print(line, file=sys.stderr))
     if rank != 0:
         return 0
     test = evaluate(model, splits.test, args.batch_size, device)
@@ -417,6 +449,10 @@ def main(argv: list[str] | None = None) -> int:
         return args.func(args, argv)
     except LogquantError as exc:
         print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except OSError as exc:  # the machine refused (disk full, permissions): one line too
+        where = f"{exc.filename}: " if exc.filename else ""
+        print(f"error: {where}{exc.strerror or exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)

@@ -32,8 +32,10 @@ def add_commands(sub) -> None:
     p = sub.add_parser("run", help="integer-only inference of an .lqz file on a data split")
     _add_network_source(p)
     p.add_argument("--data-dir", default=None, help="as for eval")
-    p.add_argument("--split", choices=("test", "val"), default="test")
-    p.add_argument("--batch-size", type=cli._positive_int, default=500)
+    p.add_argument("--split", choices=("test", "val"), default="test",
+                   help="the images to classify (default test)")
+    p.add_argument("--batch-size", type=cli._positive_int, default=500,
+                   help="images per engine call (default 500)")
     p.add_argument("--limit", type=cli._positive_int, default=None,
                    help="only the first N images")
     p.add_argument("--acc-bits", type=cli._positive_int, default=None,
@@ -57,8 +59,9 @@ def add_commands(sub) -> None:
     p.add_argument("--count", type=cli._positive_int, default=4,
                    help="how many test images to push through")
     p.add_argument("--out", required=True, help="output folder")
-    p.add_argument("--data-dir", default=None)
-    p.add_argument("--split", choices=("test", "val"), default="test")
+    p.add_argument("--data-dir", default=None, help="as for eval")
+    p.add_argument("--split", choices=("test", "val"), default="test",
+                   help="where the images come from (default test)")
     p.set_defaults(func=cmd_vectors)
 
 
@@ -97,7 +100,9 @@ def cmd_export(args: argparse.Namespace, argv: list[str]) -> int:
     from logquant.data import load_splits
     from logquant.engine import Engine
     from logquant.export import build_lqz, float32_size, quantize_for_export
+    from logquant.io import check_output_path
 
+    check_output_path(args.out)
     config = cli.config_from_args(args)
     splits = load_splits(args.data_dir, args.image_size)
     model = cli._load_checked_model(args, splits, torch.device("cpu"))
@@ -230,11 +235,14 @@ def cmd_cost(args: argparse.Namespace, argv: list[str]) -> int:
 
 def cmd_vectors(args: argparse.Namespace, argv: list[str]) -> int:
     from logquant.engine import Engine
+    from logquant.io import check_output_path, output_lock
     from logquant.vectors import write_vectors
 
+    out = check_output_path(args.out, folder=True)
     engine = Engine(_load(args.lqz))
     images, _ = _images(args, engine.plan.output.shape[0])
-    manifest = write_vectors(engine, images, args.layer, args.out)
+    with output_lock(out):
+        manifest = write_vectors(engine, images, args.layer, out)
     files = ", ".join(manifest["files"])
     print(f"{args.out}: vectors of {args.layer} for {len(images)} images ({files}; "
           f"manifest.json, vectors.npz)", file=sys.stdout)

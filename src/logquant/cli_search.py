@@ -36,7 +36,8 @@ def add_commands(sub) -> None:
     p.add_argument("--checkpoint", default=None, help="weights file (default: bundled)")
     p.add_argument("--budget", type=_budget, default=0.5,
                    help="allowed loss of validation top-1, in points (default 0.5)")
-    p.add_argument("--objective", choices=("energy", "bits"), default="energy")
+    p.add_argument("--objective", choices=("energy", "bits"), default="energy",
+                   help="minimize energy per image (cost model) or bits moved per image")
     p.add_argument("--out", required=True, help="output folder: config.json, search.json, "
                    "pareto.png")
     p.add_argument("--val-size", type=cli._positive_int, default=5000,
@@ -47,12 +48,21 @@ def add_commands(sub) -> None:
                    help="at most this many greedy steps (each validated)")
     p.add_argument("--bits", type=cli._bit_list, default=(2, 3, 4, 5, 6, 7, 8),
                    metavar="2,3,...,8", help="candidate bit widths (lin, log, logsqrt2)")
-    p.add_argument("--calib-batches", type=cli._positive_int, default=4)
-    p.add_argument("--no-progress", action="store_true")
+    p.add_argument("--calib-batches", type=cli._positive_int, default=4,
+                   help="validation batches used to calibrate FSRs (default 4)")
+    p.add_argument("--no-progress", action="store_true", help="no progress lines")
     p.set_defaults(func=cmd_search, batch_size=1000)
 
 
 def cmd_search(args: argparse.Namespace, argv: list[str]) -> int:
+    from logquant.io import check_output_path, output_lock
+
+    out = check_output_path(args.out, folder=True)
+    with output_lock(out):  # held throughout: a second search there is refused at once
+        return _search(args, argv, out)
+
+
+def _search(args: argparse.Namespace, argv: list[str], out: Path) -> int:
     from logquant.baselines import pytorch_int8
     from logquant.config import QuantConfig
     from logquant.data import load_splits
@@ -62,9 +72,6 @@ def cmd_search(args: argparse.Namespace, argv: list[str]) -> int:
     from logquant.plots import search_pareto
     from logquant.search import Search, run_search
 
-    out = Path(args.out)
-    if out.exists() and not out.is_dir():
-        raise LogquantError(f"--out {out}: exists and is not a folder")
     splits = load_splits(args.data_dir, args.image_size)
     model = cli._load_checked_model(args, splits, torch.device("cpu"))
     if any(isinstance(m, _QuantizedLayer) for m in model.modules()):
@@ -104,7 +111,6 @@ def cmd_search(args: argparse.Namespace, argv: list[str]) -> int:
                "beats_every_reference_at_least_as_accurate": beaten,
                "command": "logquant " + shlex.join(argv), "model": args.model,
                "checkpoint": args.checkpoint, "val_images": len(val)}
-    out.mkdir(parents=True, exist_ok=True)
     write_json_atomic(out / "config.json", result.config.to_dict())
     write_json_atomic(out / "search.json", summary)
     search_pareto(summary, references, out / "pareto.png")

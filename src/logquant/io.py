@@ -1,11 +1,14 @@
-"""Safe file I/O: atomic writes, and weight files read without ever executing their content."""
+"""Safe file I/O: atomic writes, one writer per output folder, and weight files read
+without ever executing their content."""
 
 from __future__ import annotations
 
 import contextlib
+import glob
 import json
 import os
 import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 
 import torch
@@ -18,12 +21,46 @@ class CheckpointError(LogquantError):
     """A weights file that is missing, unreadable or does not fit the model."""
 
 
+class OutputError(LogquantError):
+    """An output path that cannot be written, or a folder another process is writing."""
+
+
+LOCK_FILE = ".logquant.lock"
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # exists, owned by someone else
+        return True
+    return True
+
+
+def _remove_stale_temporaries(path: Path) -> None:
+    """Delete ``.NAME.PID.*.tmp`` files left beside ``path`` by killed processes."""
+    for tmp in path.parent.glob(f".{glob.escape(path.name)}.*.tmp"):
+        pid = tmp.name[len(path.name) + 2:].split(".", 1)[0]
+        if pid.isdigit() and not _alive(int(pid)):
+            with contextlib.suppress(OSError):
+                tmp.unlink()
+
+
 @contextlib.contextmanager
-def atomic_path(path: str | os.PathLike):
-    """Yield a temporary path beside ``path``; rename it over ``path`` only on success."""
+def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
+    """Yield a temporary path beside ``path``; rename it over ``path`` only on success.
+
+    A reader sees the old file or the complete new one, never a partial one, even if the
+    process is killed (SIGKILL, power loss after the rename is flushed by the filesystem).
+    The temporary file carries the writer's pid, so later writes remove those a killed
+    process left behind.
+    """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    _remove_stale_temporaries(path)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.{os.getpid()}.", suffix=".tmp",
+                               dir=path.parent)
     os.close(fd)
     try:
         yield Path(tmp)
@@ -34,6 +71,63 @@ def atomic_path(path: str | os.PathLike):
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)
+
+
+def check_output_path(path: str | os.PathLike, folder: bool = False) -> Path:
+    """``path`` if it can become the output file (or ``folder``): refuse, before any work is
+    done, a file where a folder is needed or the other way round, or an ancestor that is a
+    file."""
+    path = Path(path)
+    kind = "folder" if folder else "file"
+    if path.exists() and path.is_dir() != folder:
+        raise OutputError(f"{path}: exists and is not a {kind}")
+    for parent in path.parents:
+        if parent.exists():
+            if not parent.is_dir():
+                raise OutputError(f"{path}: cannot create the output {kind}: {parent} is "
+                                  "a file")
+            break
+    return path
+
+
+_held: dict[Path, int] = {}  # folders this process has locked -> nesting depth
+
+
+@contextlib.contextmanager
+def output_lock(folder: str | os.PathLike) -> Iterator[Path]:
+    """Hold ``folder`` (created if needed) for this process: another logquant process that
+    tries to write there at the same time is refused with :class:`OutputError` instead of
+    interleaving its files. The operating system drops the lock when the holder exits,
+    however it exits (SIGKILL included), so a killed run never blocks the rerun."""
+    import fcntl
+
+    folder = check_output_path(folder, folder=True)
+    folder.mkdir(parents=True, exist_ok=True)
+    key = folder.resolve()
+    if key in _held:  # re-entered by the same process (a command calling another)
+        _held[key] += 1
+        try:
+            yield folder
+        finally:
+            _held[key] -= 1
+        return
+    fd = os.open(folder / LOCK_FILE, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "unknown"
+        os.close(fd)
+        raise OutputError(f"{folder}: another logquant process (pid {holder}) is writing "
+                          "there; wait for it to finish or choose another output") from None
+    try:
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+        _held[key] = 1
+        yield folder
+    finally:
+        _held.pop(key, None)
+        fcntl.flock(fd, fcntl.LOCK_UN)
+        os.close(fd)  # the file stays: unlinking it would race with a process opening it
 
 
 def write_text_atomic(path: str | os.PathLike, text: str) -> None:

@@ -208,7 +208,8 @@ def open_output(out: Path, manifest: dict, force: bool) -> list[dict]:
     """
     if out.exists() and not out.is_dir():
         raise SweepError(f"--out {out}: exists and is not a folder")
-    existing = sorted(p.name for p in out.iterdir()) if out.is_dir() else []
+    existing = sorted(p.name for p in out.iterdir()
+                      if not p.name.startswith(".")) if out.is_dir() else []  # ours: lock, temps
     if existing and not force:
         manifest_path = out / MANIFEST_FILE
         try:
