@@ -481,10 +481,13 @@ def parse_format(spec: str) -> Format | None:
     bits = int(match["bits"])
     fsr = int(match["fsr"]) if match["fsr"] is not None else None
     signed = bool(match["signed"])
-    if match["kind"] == "lin":
-        if match["linround"]:
-            raise FormatError(f"{spec!r}: -linround applies to log formats only")
-        return LinearFormat(bits, fsr, signed=signed)
-    return LogFormat(bits, fsr, signed=signed,
-                     base="sqrt2" if match["kind"] == "logsqrt2-" else "2",
-                     rounding="linear" if match["linround"] else "log")
+    if match["kind"] == "lin" and match["linround"]:
+        raise FormatError(f"{spec!r}: -linround applies to log formats only")
+    try:
+        if match["kind"] == "lin":
+            return LinearFormat(bits, fsr, signed=signed)
+        return LogFormat(bits, fsr, signed=signed,
+                         base="sqrt2" if match["kind"] == "logsqrt2-" else "2",
+                         rounding="linear" if match["linround"] else "log")
+    except FormatError as exc:  # name the text the user wrote
+        raise FormatError(f"{spec!r}: {exc}") from None

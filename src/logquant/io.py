@@ -102,6 +102,7 @@ def output_lock(folder: str | os.PathLike) -> Iterator[Path]:
     import fcntl
 
     folder = check_output_path(folder, folder=True)
+    created = not folder.exists()
     folder.mkdir(parents=True, exist_ok=True)
     key = folder.resolve()
     if key in _held:  # re-entered by the same process (a command calling another)
@@ -126,8 +127,12 @@ def output_lock(folder: str | os.PathLike) -> Iterator[Path]:
         yield folder
     finally:
         _held.pop(key, None)
+        if created and os.listdir(folder) == [LOCK_FILE]:  # a run that wrote nothing
+            with contextlib.suppress(OSError):
+                os.unlink(folder / LOCK_FILE)
+                folder.rmdir()
         fcntl.flock(fd, fcntl.LOCK_UN)
-        os.close(fd)  # the file stays: unlinking it would race with a process opening it
+        os.close(fd)  # otherwise the file stays: unlinking it races with another opener
 
 
 def write_text_atomic(path: str | os.PathLike, text: str) -> None:
