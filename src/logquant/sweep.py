@@ -16,7 +16,6 @@ import hashlib
 import io
 import json
 import os
-import time
 from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
@@ -32,11 +31,11 @@ from logquant.evaluate import evaluate
 from logquant.formats import parse_format
 from logquant.io import write_json_atomic, write_text_atomic
 
-SWEEP_VERSION = 1
+SWEEP_VERSION = 2  # 2: no wall-clock column, so equal sweeps give identical files
 ROWS_FILE = "sweep.csv"
 MANIFEST_FILE = "manifest.json"
 COLUMNS = ("id", "group", "scope", "quantized", "base", "bits", "conv_weights", "fc_weights",
-           "acts", "fsr", "fsr_method", "split", "images", "top1", "top5", "seconds")
+           "acts", "fsr", "fsr_method", "split", "images", "top1", "top5")
 KINDS = {"lin": "linear", "log": "log2", "logsqrt2-": "logsqrt2"}
 
 
@@ -156,7 +155,7 @@ def selected_for_test(val_rows: list[dict]) -> list[str]:
 # Output folder: manifest, rows, resume
 
 
-_FLOAT_COLUMNS = ("top1", "top5", "seconds")
+_FLOAT_COLUMNS = ("top1", "top5")
 _INT_COLUMNS = ("bits", "fsr", "images")
 
 
@@ -293,14 +292,12 @@ def run_sweep(model: torch.nn.Module, splits: Splits, points: list[Point], out: 
             mine = todo[start:start + step][rank::world]
             new = []
             for point_id, split in mine:
-                begin = time.time()
                 quantized = prepared.apply(by_id[point_id].config(prepared.kinds))
                 dataset = dataset_for[split]
                 acc = evaluate(quantized, dataset, settings.batch_size, device)
                 new.append({**by_id[point_id].describe(), "split": split,
                             "images": acc.count, "top1": round(acc.top1, 4),
-                            "top5": round(acc.top5, 4),
-                            "seconds": round(time.time() - begin, 3)})
+                            "top5": round(acc.top5, 4)})
             new = gather_lists(new, world)
             rows = rows + new
             done.update((r["id"], r["split"]) for r in new)
