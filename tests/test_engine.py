@@ -173,8 +173,9 @@ def test_compiled_and_eager_kernels_and_thread_counts_agree(refcnn_export, fashi
     monkeypatch.delenv("LOGQUANT_COMPILE")
     threads = torch.get_num_threads()
     try:
-        torch.set_num_threads(1)
-        assert_same(reference, Engine(network).run(images, trace=True))
+        for count in (1, 2):
+            torch.set_num_threads(count)
+            assert_same(reference, Engine(network).run(images, trace=True))
     finally:
         torch.set_num_threads(threads)
 
