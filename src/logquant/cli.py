@@ -170,10 +170,12 @@ def cmd_reproduce_training(args: argparse.Namespace, argv: list[str]) -> int:
 
 def _load_checked_model(args: argparse.Namespace, splits, device: torch.device):
     """The model with its weights, after one tiny forward pass proves it fits the data."""
+    from logquant.convert import check_finite
     from logquant.models import load_model
 
     model = load_model(args.model, args.checkpoint, len(splits.train.classes),
                        splits.train.images.shape[1]).to(device)
+    check_finite(model)
     probe = splits.val.normalize(splits.val.images[:2].to(device))
     try:
         with torch.no_grad():
@@ -442,8 +444,15 @@ def cmd_train(args: argparse.Namespace, argv: list[str]) -> int:
     return 0
 
 
+def _one_line_warning(message, category, filename, lineno, file=None, line=None) -> None:
+    print(f"warning: {message}", file=sys.stderr if file is None else file)
+
+
 def main(argv: list[str] | None = None) -> int:
+    import warnings
+
     argv = list(sys.argv[1:] if argv is None else argv)
+    warnings.showwarning = _one_line_warning  # "warning: ..." lines, not source excerpts
     try:
         args = build_parser().parse_args(argv)
         return args.func(args, argv)

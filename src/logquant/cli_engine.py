@@ -163,6 +163,8 @@ def _images(args: argparse.Namespace, classes: int):
     if len(dataset.classes) != classes:
         raise LogquantError(f"the .lqz network has {classes} outputs, the data "
                             f"{len(dataset.classes)} classes")
+    if len(dataset) == 0:
+        raise LogquantError(f"the {args.split} split holds no images")
     limit = getattr(args, "limit", None) or getattr(args, "count", None)
     return dataset.images[:limit], dataset.labels[:limit]
 
@@ -188,7 +190,7 @@ def cmd_run(args: argparse.Namespace, argv: list[str]) -> int:
     cost = cost_report(model, engine.plan)["total"]
     widths = {layer.op["name"]: layer.acc_bits for layer in engine.plan.layers.values()}
     summary = {"lqz": args.lqz, "config": args.config, "split": args.split, "images": len(images),
-               "top1": 100.0 * correct / max(len(images), 1), "seconds": seconds,
+               "top1": 100.0 * correct / len(images), "seconds": seconds,
                "accumulator_bits_needed": widths, "accumulator_bits": args.acc_bits,
                "overflows": overflows, "macs_per_image": cost["macs"],
                "shift_adds_per_image": cost["shift_adds"],

@@ -7,6 +7,7 @@ grouped and depthwise convs included) and never modifies the model it is given.
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Iterable
 from typing import Any
 
@@ -16,9 +17,9 @@ from torch import nn
 from logquant.calibrate import TensorStats, choose_fsr, stats_of
 from logquant.config import ConfigError, QuantConfig
 from logquant.data import ImageDataset
-from logquant.errors import LogquantError
+from logquant.errors import LogquantError, QuantizationWarning
 from logquant.fold import fold_batchnorm
-from logquant.formats import Format
+from logquant.formats import FSR_MIN, Format
 from logquant.nn import QUANTIZED_TYPES, Quantizer, _QuantizedLayer
 
 
@@ -26,6 +27,43 @@ def quantizable_layers(model: nn.Module) -> dict[str, tuple[nn.Module, str]]:
     """Name -> (module, kind) for every conv/linear the quantizer knows, in module order."""
     return {name: (m, QUANTIZED_TYPES[type(m)][1]) for name, m in model.named_modules()
             if type(m) in QUANTIZED_TYPES}
+
+
+def check_finite(model: nn.Module) -> None:
+    """Refuse a model with NaN or infinite parameters or buffers, naming the first: its
+    outputs would be NaN (or saturate silently once quantized), not a number to report."""
+    tensors = list(model.named_parameters()) + [
+        (name, b) for name, b in model.named_buffers() if b.is_floating_point()]
+    for name, tensor in tensors:
+        finite = torch.isfinite(tensor.detach())
+        if not bool(finite.all()):
+            nan = int(torch.isnan(tensor.detach()).sum())
+            raise LogquantError(f"{name} holds {nan} NaN and {int((~finite).sum()) - nan} "
+                                "infinite values: the model cannot be quantized or evaluated "
+                                "meaningfully (diverged training or a damaged checkpoint?)")
+
+
+VANISHING_SHARE = 0.9  # warn when quantization zeroes this share of a layer's weights
+
+
+def warn_if_weights_vanish(name: str, weight: torch.Tensor, quantized: torch.Tensor,
+                           fmt: Format) -> None:
+    """Warn (QuantizationWarning) when almost every nonzero weight of a layer becomes zero:
+    defined by the format, but usually an outlier that set the FSR far above the rest."""
+    nonzero = weight != 0
+    count = int(nonzero.sum())
+    if count == 0:
+        return
+    share = int((quantized[nonzero] == 0).sum()) / count
+    if share >= VANISHING_SHARE:
+        peak = float(weight.abs().max())
+        levels = fmt.with_fsr(FSR_MIN).levels().abs()
+        cause = ("they lie below the smallest level any FSR reaches" if peak < float(
+            levels[levels > 0].min()) else "an outlier may set the range: try weight FSR "
+            "method 'mse' or a fixed FSR")
+        warnings.warn(f"{name}: {100 * share:.1f} % of the weights quantize to zero with "
+                      f"{fmt.name} (max |w| = {peak:.3g}); {cause}", QuantizationWarning,
+                      stacklevel=3)
 
 
 def _batches(data: Any, limit: int | None):
@@ -101,6 +139,7 @@ class PreparedModel:
         if any(isinstance(m, _QuantizedLayer) for m in model.modules()):
             raise LogquantError("the model is already quantized (trained quantization-aware?):"
                                 " evaluate it without format flags")
+        check_finite(model)
         self.model = fold_batchnorm(model)
         found = quantizable_layers(self.model)
         if not found:
@@ -162,6 +201,7 @@ class PreparedModel:
         cached = self._weights.get(key)
         if cached is None:
             cached = fmt.quantize(self.float_weights[name])
+            warn_if_weights_vanish(name, self.float_weights[name], cached, fmt)
             if self.cache_weights:
                 self._weights[key] = cached
         return cached

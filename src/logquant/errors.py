@@ -6,3 +6,8 @@ class LogquantError(ValueError):
 
     The CLI turns it into ``error: <message>`` on stderr and exit code 2, without a traceback.
     """
+
+
+class QuantizationWarning(UserWarning):
+    """A result that is defined but probably not what the user wants (e.g. an outlier that
+    sets a layer's range so that almost every weight quantizes to zero)."""

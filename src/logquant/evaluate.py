@@ -8,6 +8,7 @@ import torch
 from torch import nn
 
 from logquant.data import ImageDataset
+from logquant.errors import LogquantError
 
 
 @dataclasses.dataclass(frozen=True)
@@ -23,7 +24,12 @@ class Accuracy:
 @torch.no_grad()
 def evaluate(model: nn.Module, dataset: ImageDataset, batch_size: int = 500,
              device: str | torch.device = "cpu", progress: bool = False) -> Accuracy:
-    """Accuracy in percent over the whole dataset (model put in eval mode)."""
+    """Accuracy in percent over the whole dataset (model put in eval mode).
+
+    An empty dataset, or a model whose outputs are NaN, raises LogquantError: neither has
+    an accuracy, and 0 % or the rank of a NaN would be a made-up number."""
+    if len(dataset) == 0:
+        raise LogquantError("nothing to evaluate: the dataset holds no images")
     model.eval()
     correct1 = correct5 = 0
     batches = dataset.batches(batch_size, device)
@@ -34,10 +40,14 @@ def evaluate(model: nn.Module, dataset: ImageDataset, batch_size: int = 500,
                        leave=False, disable=None)  # None: only on a terminal
     for inputs, labels in batches:
         logits = model(inputs)
+        if bool(torch.isnan(logits).any()):
+            raise LogquantError(f"the model's outputs contain NaN (batch of {len(inputs)} "
+                                "images): diverged weights or activations beyond the float "
+                                "range")
         k = min(5, logits.shape[1])
         top = logits.topk(k, dim=1).indices  # (B, k)
         hits = top == labels[:, None]
         correct1 += int(hits[:, 0].sum())
         correct5 += int(hits.any(dim=1).sum())
-    n = max(len(dataset), 1)
-    return Accuracy(100.0 * correct1 / n, 100.0 * correct5 / n, len(dataset))
+    n = len(dataset)
+    return Accuracy(100.0 * correct1 / n, 100.0 * correct5 / n, n)

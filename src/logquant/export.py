@@ -28,7 +28,7 @@ import torch.nn.functional as F
 from torch import fx, nn
 
 from logquant.config import QuantConfig
-from logquant.convert import PreparedModel
+from logquant.convert import PreparedModel, check_finite
 from logquant.engine.arith import grid_exponent
 from logquant.fold import fold_batchnorm
 from logquant.lqz import MAGIC, VERSION, LqzError, LqzModel
@@ -137,6 +137,7 @@ def quantize_for_export(model: nn.Module, config: QuantConfig | None, images: to
     formats and FSRs except the first layer's weight FSR, which follows the training rule
     (smallest FSR covering max |w|) on the normalization-folded weights.
     """
+    check_finite(model)
     sample = images[:1].float()
     quantized = any(isinstance(m, _QuantizedLayer) for m in model.modules())
     if not quantized:

@@ -17,6 +17,7 @@ from torch import nn
 
 from logquant.config import QuantConfig
 from logquant.convert import (
+    check_finite,
     check_layer_names,
     collect_input_stats,
     quantizable_layers,
@@ -37,6 +38,7 @@ def prepare_qat(model: nn.Module, config: QuantConfig, calibration_data: Any = N
     activation FSRs from the data; without it, module order decides and the first training
     step sets them.
     """
+    check_finite(model)
     model = fold_batchnorm(model) if fold_bn else copy.deepcopy(model)
     layers = quantizable_layers(model)
     check_layer_names(config, layers)
