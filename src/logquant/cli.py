@@ -152,13 +152,13 @@ def build_parser() -> argparse.ArgumentParser:
 
 def cmd_reproduce_training(args: argparse.Namespace, argv: list[str]) -> int:
     from logquant.data import load_splits
-    from logquant.io import check_output_path, output_lock
+    from logquant.io import check_output_path
     from logquant.training_experiment import reproduce_training
 
     out = check_output_path(args.out, folder=True)
     device = _device(args.device)
     splits = load_splits(args.data_dir)
-    with output_lock(out):
+    with writer_lock(out):
         summary = reproduce_training(splits, out, epochs=args.epochs,
                                      finetune_epochs=args.finetune_epochs, seed=args.seed,
                                      device=device, command="logquant " + shlex.join(argv),
@@ -166,6 +166,16 @@ def cmd_reproduce_training(args: argparse.Namespace, argv: list[str]) -> int:
                                      log=lambda m: print(m, file=sys.stderr))
     print(summary)
     return 0
+
+
+def writer_lock(out: Path):
+    """The output lock of ``out`` on the process that writes it (rank 0 under torchrun; the
+    other ranks only compute), so that a second run into ``out`` is refused."""
+    from logquant.distributed import init_distributed
+    from logquant.io import output_lock
+
+    rank, _ = init_distributed()
+    return output_lock(out) if rank == 0 else contextlib.nullcontext()
 
 
 def _load_checked_model(args: argparse.Namespace, splits, device: torch.device):
@@ -344,7 +354,6 @@ def _sweep_inputs(args: argparse.Namespace):
 
 
 def cmd_sweep(args: argparse.Namespace, argv: list[str]) -> int:
-    from logquant.io import output_lock
     from logquant.sweep import default_fsr_range, paper_grid, prepare_sweep, run_sweep
 
     splits, model, out, manifest, settings = _sweep_inputs(args)
@@ -353,7 +362,7 @@ def cmd_sweep(args: argparse.Namespace, argv: list[str]) -> int:
     points = paper_grid(fsr_range, args.fsr_method, args.act_bits)
     manifest.update(fsr_range=list(fsr_range), fsr_method=args.fsr_method,
                     act_bits=list(args.act_bits), points=len(points))
-    with output_lock(out):
+    with writer_lock(out):
         run_sweep(model, splits, points, out, manifest, settings, force=args.force,
                   progress=not args.no_progress, log=lambda m: print(m, file=sys.stderr),
                   prepared=prepared)
@@ -362,10 +371,9 @@ def cmd_sweep(args: argparse.Namespace, argv: list[str]) -> int:
 
 def cmd_reproduce(args: argparse.Namespace, argv: list[str]) -> int:
     from logquant.experiments import reproduce
-    from logquant.io import output_lock
 
     splits, model, out, manifest, settings = _sweep_inputs(args)
-    with output_lock(out):
+    with writer_lock(out):
         summary = reproduce(model, splits, out, manifest, settings,
                             command="logquant " + shlex.join(argv), model_name=args.model,
                             fsr_range=args.fsr_range, method=args.fsr_method,
@@ -385,7 +393,6 @@ def cmd_train(args: argparse.Namespace, argv: list[str]) -> int:
     from logquant.io import (
         check_output_path,
         load_weights,
-        output_lock,
         save_weights,
         write_json_atomic,
     )
@@ -419,9 +426,7 @@ def cmd_train(args: argparse.Namespace, argv: list[str]) -> int:
     cfg = TrainConfig(epochs=args.epochs, batch_size=args.train_batch_size, lr=args.lr,
                       seed=args.seed, warmup_epochs=args.warmup_epochs,
                       test_each_epoch=args.test_each_epoch)
-    # one training run per checkpoint folder (rank 0 writes it; other ranks only read)
-    lock = output_lock(ckpt) if rank == 0 else contextlib.nullcontext()
-    with lock:
+    with writer_lock(ckpt):  # one training run per checkpoint folder
         summary = train(model, splits, cfg, device, checkpoint_dir=ckpt, resume=args.resume,
                         progress=not args.no_progress,
                         log=lambda line: print(line, file=sys.stderr))

@@ -1,7 +1,12 @@
-"""torch.distributed helpers shared by sweeps, training and the quantizers (torchrun)."""
+"""torch.distributed helpers shared by sweeps, training and the quantizers (torchrun).
+
+Objects travel between processes as JSON in uint8 tensors, never pickled: a process
+accepts only data, whatever a peer on the rendezvous network sends.
+"""
 
 from __future__ import annotations
 
+import json
 import os
 
 import torch
@@ -35,25 +40,43 @@ def global_max(value: torch.Tensor) -> torch.Tensor:
     return value
 
 
+def _device():
+    import torch.distributed as dist
+
+    if dist.get_backend() == "nccl":
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
+def _all_gather_json(obj) -> list:
+    """``obj`` (JSON data) from every process, in rank order."""
+    import torch.distributed as dist
+
+    device, world = _device(), dist.get_world_size()
+    payload = torch.tensor(list(json.dumps(obj).encode()), dtype=torch.uint8, device=device)
+    sizes = [torch.zeros(1, dtype=torch.int64, device=device) for _ in range(world)]
+    dist.all_gather(sizes, torch.tensor([payload.numel()], device=device))
+    longest = max(int(size) for size in sizes)
+    padded = torch.zeros(longest, dtype=torch.uint8, device=device)
+    padded[:payload.numel()] = payload
+    parts = [torch.empty(longest, dtype=torch.uint8, device=device) for _ in range(world)]
+    dist.all_gather(parts, padded)
+    return [json.loads(bytes(part[:int(size)].cpu().tolist()).decode())
+            for part, size in zip(parts, sizes)]
+
+
 def gather_lists(items: list, world: int) -> list:
     """Concatenate every process's list, in rank order, on every process."""
     if world == 1:
         return items
-    import torch.distributed as dist
-
-    gathered: list[list] = [[] for _ in range(world)]
-    dist.all_gather_object(gathered, items)
-    return [item for part in gathered for item in part]
+    return [item for part in _all_gather_json(items) for item in part]
 
 
 def broadcast_object(obj, src: int = 0):
+    """``obj`` (JSON data) of process ``src``, on every process."""
     if not is_distributed():
         return obj
-    import torch.distributed as dist
-
-    box = [obj]
-    dist.broadcast_object_list(box, src=src)
-    return box[0]
+    return _all_gather_json(obj)[src]
 
 
 def barrier() -> None:
