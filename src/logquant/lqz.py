@@ -8,7 +8,10 @@ bit-packed at exactly the format's width (see :mod:`logquant.packing`), ``<layer
 the bias as integers on the accumulator grid, in the narrowest integer type that holds it.
 
 The reader validates every length, offset, shape, dtype and format before allocating or
-reading the data, then verifies the checksum; any problem raises :class:`LqzError`.
+reading the data, then verifies the checksum; any problem raises :class:`LqzError`. What it
+allocates stays within a fixed multiple of the file's size: an entropy-coded layer may
+claim at most ``MAX_CODES_PER_RANS_BYTE`` weights per byte of its stream (the writer packs
+near-constant layers instead). ``tests/test_fuzz_lqz.py`` holds the reader to this.
 """
 
 from __future__ import annotations
