@@ -13,13 +13,14 @@ plus ``ALLOC_SLACK`` (tracemalloc), and no case may take a second (hypothesis de
 from __future__ import annotations
 
 import json
+import os
 import struct
 import tracemalloc
 
 import numpy as np
 import pytest
 import torch
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, given, seed, settings
 from hypothesis import strategies as st
 
 from logquant import lqz
@@ -69,8 +70,12 @@ def eager_and_traced():
 
 
 def _settings(examples: int):
-    return settings(max_examples=examples, derandomize=True, deadline=1000, database=None,
-                    suppress_health_check=list(HealthCheck))
+    """Fixed seed by default; LOGQUANT_FUZZ_SEED=N explores another stream of files."""
+    fixed = settings(max_examples=examples, derandomize=True, deadline=1000, database=None,
+                     suppress_health_check=list(HealthCheck))
+    if os.environ.get("LOGQUANT_FUZZ_SEED"):
+        return lambda test: seed(int(os.environ["LOGQUANT_FUZZ_SEED"]))(fixed(test))
+    return fixed
 
 
 def _split(data: bytes) -> tuple[int, dict, bytes]:

@@ -194,3 +194,15 @@ def test_one_calibration_image_gives_a_working_model(fashion):
     network = _export(_model(), fashion, count=1)
     images = fashion.test.images[:32]
     assert torch.equal(Engine(network).run(images).values(), simulate(network, images).logits)
+
+
+def test_cli_prints_the_warning_as_one_line(capsys, small_fashion_dir, tmp_path):
+    model = _model(lambda m: _conv0(m).view(-1)[3].fill_(1e30))
+    save_weights(model, tmp_path / "outlier.safetensors")
+    code = main(["eval", "--data-dir", str(small_fashion_dir), "--checkpoint",
+                 str(tmp_path / "outlier.safetensors"), "--weights", "log4", "--acts", "log4",
+                 "--weight-fsr", "max", "--json"])
+    err = capsys.readouterr().err
+    assert code == 0
+    lines = [line for line in err.splitlines() if "features.0" in line]
+    assert len(lines) == 1 and lines[0].startswith("warning: features.0: 99."), err

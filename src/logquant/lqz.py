@@ -356,6 +356,8 @@ def validate_header(header: Any) -> None:
         missing = [k for k in OPS[op["op"]] + ("out",) if k not in op]
         if missing:
             raise LqzError(f"{where} ({op['op']}): missing field {missing[0]!r}")
+        if op["op"] == "input" and "in" in op:
+            raise LqzError(f"{where} (input): the input op reads nothing, but has 'in'")
         inputs = [] if op["op"] == "input" else (
             op.get("in") if op["op"] == "add" else [op.get("in")])
         if not isinstance(inputs, list) or any(
