@@ -52,7 +52,8 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     """Yield a temporary path beside ``path``; rename it over ``path`` only on success.
 
     A reader sees the old file or the complete new one, never a partial one, even if the
-    process is killed (SIGKILL, power loss after the rename is flushed by the filesystem).
+    process is killed (SIGKILL included; no fsync, so a power loss is the filesystem's
+    matter).
     The temporary file carries the writer's pid, so later writes remove those a killed
     process left behind.
     """
