@@ -31,6 +31,21 @@ def test_export_prints_layers_and_size(capsys, fashion, tmp_path):
     assert ratio >= 0.95 * 32 / 3
 
 
+def test_compressed_export_reports_its_coding_and_runs_like_the_packed_one(capsys, exported,
+                                                                          tmp_path):
+    """Small layers stay packed under --compress (rANS would not be smaller there)."""
+    code, out, _ = run(capsys, "export", "--weights", "log4", "--acts", "log4",
+                       "--calib-batches", "2", "--compress", "--out", str(tmp_path / "c.lqz"))
+    assert code == 0, out
+    line = next(line for line in out.splitlines() if line.startswith("weights:"))
+    assert "6 of 7 layers entropy-coded" in line
+    assert float(line.split()[1]) < 4
+    packed = json.loads(run(capsys, "run", str(exported), "--limit", "500", "--json")[1])
+    coded = json.loads(run(capsys, "run", str(tmp_path / "c.lqz"), "--limit", "500",
+                           "--json")[1])
+    assert coded["top1"] == packed["top1"]
+
+
 def test_run_reports_accuracy_and_matches_float64(capsys, exported):
     code, out, _ = run(capsys, "run", str(exported), "--limit", "1000", "--verify", "--json")
     assert code == 0

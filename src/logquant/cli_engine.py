@@ -132,21 +132,25 @@ def cmd_export(args: argparse.Namespace, argv: list[str]) -> int:
 
 
 def _coding_summary(path: str, network) -> str:
-    """Bits per weight of the entropy-coded file against the codes' empirical entropy."""
+    """Bits per weight of the compressed file (rANS where smaller, packed elsewhere)
+    against the codes' empirical entropy."""
     from logquant import lqz
     from logquant.entropy import empirical_entropy_bits
 
-    _, arrays = lqz.read_container(Path(path))
-    count = coded = limit = 0
+    meta, arrays = lqz.read_container(Path(path))
+    written = {op["out"]: op for op in json.loads(meta["lqz"])["ops"]}
+    count = coded = limit = coded_layers = 0
     for op in network.layer_ops():
         codes = network.weights[op["weight"]].numpy()
         count += codes.size
-        coded += 8 * (arrays[op["weight"]].nbytes + arrays[op["weight"] + ".freq"].nbytes)
+        coded += 8 * sum(a.nbytes for n, a in arrays.items() if n in (
+            op["weight"], op["weight"] + ".freq"))
         limit += empirical_entropy_bits(codes)
+        coded_layers += written[op["out"]]["weight_encoding"] == "rans"
     bits = network.weight_format(network.layer_ops()[0]).bits
-    return (f"weights: {coded / count:.3f} bits each entropy-coded (frequency tables "
-            f"included) vs {limit / count:.3f} bits empirical entropy (the limit) and "
-            f"{bits} bits packed")
+    return (f"weights: {coded / count:.3f} bits each ({coded_layers} of "
+            f"{len(network.layer_ops())} layers entropy-coded, frequency tables included) vs "
+            f"{limit / count:.3f} bits empirical entropy (the limit) and {bits} bits packed")
 
 
 def _load(path: str):

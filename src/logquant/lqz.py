@@ -108,36 +108,22 @@ def _checksum(header_json: str, arrays: dict[str, np.ndarray]) -> str:
 ENCODINGS = ("packed", "rans")
 
 
-def to_arrays(model: LqzModel) -> dict[str, np.ndarray]:
-    """The file's tensors: weight codes (bit-packed, or rANS-coded with a ``.freq`` table,
-    as each op's ``weight_encoding`` says) and narrow integer biases."""
+def _weight_arrays(name: str, codes: torch.Tensor, fmt: Format,
+                   compress: bool) -> tuple[str, dict[str, np.ndarray]]:
+    """(encoding, tensors) of one layer's weight codes: rANS-coded with a ``.freq`` table
+    where ``compress`` asks and that is smaller than packing and within the codes per
+    stream byte the reader accepts (a near-constant layer stays packed); else bit-packed."""
     from logquant import entropy
 
-    arrays: dict[str, np.ndarray] = {}
-    for op in model.layer_ops():
-        fmt = model.weight_format(op)
-        codes = model.weights[op["weight"]]
-        if op.get("weight_encoding", "packed") == "rans":
-            flat = codes.numpy().reshape(-1).astype(np.uint8)
-            freqs = entropy.frequencies(flat, fmt.num_codes)
-            arrays[op["weight"]] = np.frombuffer(entropy.encode(flat, freqs), dtype=np.uint8)
-            arrays[op["weight"] + ".freq"] = freqs.astype(np.int16)
-        else:
-            arrays[op["weight"]] = pack_codes(codes, fmt.bits).numpy()
-        if op["bias"] is not None:
-            arrays[op["bias"]] = _narrow_int(model.biases[op["bias"]])
-    return arrays
-
-
-def _rans_pays(codes: torch.Tensor, fmt: Format) -> bool:
-    """Entropy-code a layer only where that is smaller than packing and within the codes
-    per stream byte that the reader accepts (a near-constant layer is packed instead)."""
-    from logquant import entropy
-
-    flat = codes.numpy().reshape(-1).astype(np.uint8)
-    stream = entropy.encode(flat, entropy.frequencies(flat, fmt.num_codes))
-    return (len(stream) + 2 * fmt.num_codes < packed_size(flat.size, fmt.bits)
-            and flat.size <= MAX_CODES_PER_RANS_BYTE * len(stream))
+    packed = pack_codes(codes, fmt.bits).numpy()
+    if compress:
+        flat = codes.numpy().reshape(-1).astype(np.uint8)
+        freqs = entropy.frequencies(flat, fmt.num_codes).astype(np.int16)
+        stream = np.frombuffer(entropy.encode(flat, freqs), dtype=np.uint8)
+        if (stream.size + freqs.nbytes < packed.size
+                and flat.size <= MAX_CODES_PER_RANS_BYTE * stream.size):
+            return "rans", {name: stream, name + ".freq": freqs}
+    return "packed", {name: packed}
 
 
 _DTYPE_NAMES = {np.dtype(v): k for k, v in _DTYPES.items()}
@@ -162,19 +148,22 @@ def container_bytes(arrays: dict[str, np.ndarray], metadata: dict[str, str]) -> 
 
 def save(model: LqzModel, path: str | os.PathLike, compress: bool = False) -> int:
     """Write ``model`` to ``path`` atomically; returns the file size in bytes.
-    ``compress`` entropy-codes the weight codes (rANS) instead of bit-packing them."""
+    ``compress`` entropy-codes the weight codes (rANS) of every layer where that is
+    smaller than bit-packing them."""
     from logquant.io import atomic_path
 
     header = json.loads(json.dumps(model.header))
+    validate_header(header)
+    arrays: dict[str, np.ndarray] = {}
     for op in header["ops"]:
         if op["op"] in ("conv", "linear"):
-            rans = compress and _rans_pays(model.weights[op["weight"]],
-                                           parse_format(op["weight_format"]))
-            op["weight_encoding"] = "rans" if rans else "packed"
-    model = LqzModel(header, model.weights, model.biases)
-    validate_header(model.header)
-    arrays = to_arrays(model)
-    header_json = json.dumps(model.header, sort_keys=True, separators=(",", ":"))
+            op["weight_encoding"], tensors = _weight_arrays(
+                op["weight"], model.weights[op["weight"]], parse_format(op["weight_format"]),
+                compress)
+            arrays.update(tensors)
+            if op["bias"] is not None:
+                arrays[op["bias"]] = _narrow_int(model.biases[op["bias"]])
+    header_json = json.dumps(header, sort_keys=True, separators=(",", ":"))
     metadata = {"checksum": _checksum(header_json, arrays), "lqz": header_json}
     with atomic_path(path) as tmp:
         tmp.write_bytes(container_bytes(arrays, metadata))
