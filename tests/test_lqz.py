@@ -72,9 +72,7 @@ def _rewrite(path, out, edit_header=None, edit_arrays=None):
         edit_header(header)
     if edit_arrays:
         edit_arrays(arrays)
-    text = json.dumps(header, sort_keys=True, separators=(",", ":"))
-    out.write_bytes(lqz.container_bytes(arrays, {"lqz": text,
-                                                 "checksum": lqz._checksum(text, arrays)}))
+    out.write_bytes(lqz.file_bytes(header, arrays))
     return out
 
 

@@ -53,7 +53,7 @@ def _all_gather_json(obj) -> list:
     import torch.distributed as dist
 
     device, world = _device(), dist.get_world_size()
-    payload = torch.tensor(list(json.dumps(obj).encode()), dtype=torch.uint8, device=device)
+    payload = torch.frombuffer(bytearray(json.dumps(obj).encode()), dtype=torch.uint8).to(device)
     sizes = [torch.zeros(1, dtype=torch.int64, device=device) for _ in range(world)]
     dist.all_gather(sizes, torch.tensor([payload.numel()], device=device))
     longest = max(int(size) for size in sizes)
@@ -61,7 +61,7 @@ def _all_gather_json(obj) -> list:
     padded[:payload.numel()] = payload
     parts = [torch.empty(longest, dtype=torch.uint8, device=device) for _ in range(world)]
     dist.all_gather(parts, padded)
-    return [json.loads(bytes(part[:int(size)].cpu().tolist()).decode())
+    return [json.loads(part[:int(size)].cpu().numpy().tobytes())
             for part, size in zip(parts, sizes)]
 
 

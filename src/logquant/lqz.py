@@ -146,6 +146,14 @@ def container_bytes(arrays: dict[str, np.ndarray], metadata: dict[str, str]) -> 
     return struct.pack("<Q", len(header)) + header + b"".join(chunks)
 
 
+def file_bytes(header: dict[str, Any], arrays: dict[str, np.ndarray]) -> bytes:
+    """The .lqz file of ``header`` and tensors ``arrays``, checksum included; no checks
+    (``save`` validates first; tests use it to craft hostile files that pass the checksum)."""
+    header_json = json.dumps(header, sort_keys=True, separators=(",", ":"))
+    metadata = {"checksum": _checksum(header_json, arrays), "lqz": header_json}
+    return container_bytes(arrays, metadata)
+
+
 def save(model: LqzModel, path: str | os.PathLike, compress: bool = False) -> int:
     """Write ``model`` to ``path`` atomically; returns the file size in bytes.
     ``compress`` entropy-codes the weight codes (rANS) of every layer where that is
@@ -163,10 +171,8 @@ def save(model: LqzModel, path: str | os.PathLike, compress: bool = False) -> in
             arrays.update(tensors)
             if op["bias"] is not None:
                 arrays[op["bias"]] = _narrow_int(model.biases[op["bias"]])
-    header_json = json.dumps(header, sort_keys=True, separators=(",", ":"))
-    metadata = {"checksum": _checksum(header_json, arrays), "lqz": header_json}
     with atomic_path(path) as tmp:
-        tmp.write_bytes(container_bytes(arrays, metadata))
+        tmp.write_bytes(file_bytes(header, arrays))
     return Path(path).stat().st_size
 
 

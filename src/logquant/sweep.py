@@ -29,7 +29,7 @@ from logquant.distributed import broadcast_object, gather_lists, init_distribute
 from logquant.errors import LogquantError
 from logquant.evaluate import evaluate
 from logquant.formats import parse_format
-from logquant.io import write_json_atomic, write_text_atomic
+from logquant.io import check_output_path, write_json_atomic, write_text_atomic
 
 SWEEP_VERSION = 2  # 2: no wall-clock column, so equal sweeps give identical files
 ROWS_FILE = "sweep.csv"
@@ -205,8 +205,7 @@ def open_output(out: Path, manifest: dict, force: bool) -> list[dict]:
     A folder holding anything else (another sweep, unrelated files) is refused unless
     ``force``, which starts the sweep afresh there.
     """
-    if out.exists() and not out.is_dir():
-        raise SweepError(f"--out {out}: exists and is not a folder")
+    check_output_path(out, folder=True)
     existing = sorted(p.name for p in out.iterdir()
                       if not p.name.startswith(".")) if out.is_dir() else []  # ours: lock, temps
     if existing and not force:
