@@ -100,14 +100,15 @@ def test_fixed_fsr_overrides_and_skip():
     assert rows["features.3"]["weights"].startswith("logsqrt2-5s@fsr")
     assert rows["features.3"]["input"] == "float"
     assert rows["classifier.1"]["weights"].startswith("lin4s@fsr")
-    assert rows["classifier.4"] == {"layer": "classifier.4", "type": "QLinear",
-                                    "weights": "float", "input": "float"}
+    assert rows["classifier.4"] == {"layer": "classifier.4", "type": "Linear", "kind": "fc",
+                                    "weights": "float", "input": "float", "status": "float",
+                                    "reason": "skipped by pattern 'classifier.4'"}
 
 
 def test_bad_configuration_and_inputs():
-    with pytest.raises(ConfigError, match="unknown layer name 'features.99'"):
+    with pytest.raises(ConfigError, match="layer pattern 'features.99' selects no layer"):
         quantize_model(RefCNN(), QuantConfig(skip=("features.99",)), _calibration())
-    with pytest.raises(LogquantError, match="no Conv2d or Linear"):
+    with pytest.raises(LogquantError, match="no conv or linear layers"):
         quantize_model(nn.Sequential(nn.ReLU()), LOG, _calibration())
     with pytest.raises(LogquantError, match="calibration data is empty"):
         quantize_model(RefCNN(), LOG, [])

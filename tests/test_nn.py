@@ -4,7 +4,14 @@ import torch
 from torch import nn
 
 from logquant.formats import parse_format
-from logquant.nn import QConv2d, QLinear, Quantizer, fake_quantize
+from logquant.nn import (
+    QConv2d,
+    QLinear,
+    Quantizer,
+    fake_quantize,
+    quantize_layer_,
+    restore_float_,
+)
 
 
 def test_straight_through_gradients():
@@ -46,28 +53,19 @@ def test_quantized_layers_match_float_layers_when_formats_are_off():
     conv = nn.Conv2d(3, 4, 3, stride=2, padding=1, groups=1)
     lin = nn.Linear(5, 2)
     x, v = torch.randn(2, 3, 8, 8), torch.randn(3, 5)
-    assert torch.equal(QConv2d.from_float(conv)(x), conv(x))
-    assert torch.equal(QLinear.from_float(lin)(v), lin(v))
+    expected_conv, expected_lin = conv(x), lin(v)
+    qconv, qlin = quantize_layer_(conv, "conv"), quantize_layer_(lin, "lin")
+    assert isinstance(qconv, QConv2d) and isinstance(qlin, QLinear)
+    assert torch.equal(qconv(x), expected_conv) and torch.equal(qlin(v), expected_lin)
+    assert type(restore_float_(qconv)) is nn.Conv2d and "weight_quant" not in dict(
+        qconv.named_modules())
 
 
 def test_qat_style_weight_quantization_has_gradients():
-    lin = QLinear.from_float(nn.Linear(4, 3), weight_format=parse_format("log4s@fsr0"))
+    lin = quantize_layer_(nn.Linear(4, 3))
+    lin.weight_quant = Quantizer(parse_format("log4s@fsr0"))
     out = lin(torch.randn(2, 4)).sum()
     out.backward()
     assert lin.weight.grad is not None and lin.weight.grad.abs().sum() > 0
     lin.freeze_weight()
     assert torch.equal(lin.weight, parse_format("log4s@fsr0").quantize(lin.weight))
-
-
-def test_inference_scratch_buffer_is_reused_only_without_autograd():
-    q = Quantizer(parse_format("log3@fsr1"))
-    x, y = torch.rand(4, 8) * 2, torch.rand(4, 8) * 2
-    with torch.no_grad():
-        first = q(x, scratch=True)
-        expected_first = first.clone()
-        second = q(y, scratch=True)
-    assert second.data_ptr() == first.data_ptr()  # one buffer, reused
-    assert torch.equal(expected_first, q(x)) and torch.equal(second, q(y))
-    x.requires_grad_(True)
-    out = q(x, scratch=True)  # autograd on: a fresh tensor that backward can rely on
-    assert out.data_ptr() != first.data_ptr() and out.requires_grad

@@ -70,5 +70,5 @@ def test_qat_state_round_trips_and_fixed_fsr_is_kept():
 
 
 def test_unknown_layer_in_qat_config():
-    with pytest.raises(Exception, match="unknown layer name"):
+    with pytest.raises(Exception, match="selects no layer"):
         prepare_qat(RefCNN(), QuantConfig(skip=("nope",)))

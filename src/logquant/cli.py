@@ -298,9 +298,9 @@ def cmd_eval(args: argparse.Namespace, argv: list[str]) -> int:
     else:
         for row in describe(model):
             print(f"  {row['layer']:<24} weights {row['weights']:<16} input {row['input']}")
-        from logquant.nn import QConv2d, QLinear
+        from logquant.convert import is_quantized
 
-        trained_quantized = any(isinstance(m, (QConv2d, QLinear)) for m in model.modules())
+        trained_quantized = is_quantized(model)
         label = "float" if config.is_float and not trained_quantized else "quantized"
         print(f"{args.model} ({label}) on {args.split} ({acc.count} images): "
               f"top-1 {acc.top1:.2f} %  top-5 {acc.top5:.2f} %")

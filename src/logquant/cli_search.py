@@ -68,13 +68,13 @@ def _search(args: argparse.Namespace, argv: list[str], out: Path) -> int:
     from logquant.data import load_splits
     from logquant.evaluate import evaluate
     from logquant.io import write_json_atomic
-    from logquant.nn import _QuantizedLayer
+    from logquant.nn import QuantizedLayer
     from logquant.plots import search_pareto
     from logquant.search import Search, run_search
 
     splits = load_splits(args.data_dir, args.image_size)
     model = cli._load_checked_model(args, splits, torch.device("cpu"))
-    if any(isinstance(m, _QuantizedLayer) for m in model.modules()):
+    if any(isinstance(m, QuantizedLayer) for m in model.modules()):
         raise LogquantError("search starts from a float model; this checkpoint was trained "
                             "quantization-aware")
     val = splits.val.subset(torch.arange(min(args.val_size, len(splits.val))))

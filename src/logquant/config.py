@@ -9,6 +9,9 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import re
+from collections.abc import Sequence
+from fnmatch import fnmatchcase
 from pathlib import Path
 from typing import Any
 
@@ -16,6 +19,7 @@ from logquant.errors import LogquantError
 from logquant.formats import Format, FormatError, LinearFormat, LogFormat, parse_format
 
 FSR_METHODS = ("max", "percentile", "mse")
+UNSUPPORTED_CHOICES = ("error", "float")
 
 
 class ConfigError(LogquantError):
@@ -33,6 +37,32 @@ def _parse(value: Any, where: str) -> Format | None:
         return parse_format(value)
     except FormatError as exc:
         raise ConfigError(f"{where}: {exc}") from None
+
+
+def check_pattern(pattern: str, where: str) -> str:
+    """Validate a layer pattern (see ``layer_matches``); returns it."""
+    if not isinstance(pattern, str) or not pattern:
+        raise ConfigError(f"{where}: a layer pattern must be a non-empty string, "
+                          f"got {pattern!r}")
+    if pattern.startswith("re:"):
+        try:
+            re.compile(pattern[3:])
+        except re.error as exc:
+            raise ConfigError(f"{where}: bad regular expression {pattern[3:]!r} ({exc})") \
+                from None
+    return pattern
+
+
+def layer_matches(pattern: str, name: str, types: Sequence[str] = ()) -> bool:
+    """Does ``pattern`` select the layer called ``name`` whose class (and base classes) are
+    named ``types``? ``re:REGEX`` matches the whole name; ``type:GLOB`` a class name
+    (``type:Conv2d`` also selects subclasses of Conv2d); anything else is a glob on the
+    name (``features.*``; a plain name matches itself)."""
+    if pattern.startswith("re:"):
+        return re.fullmatch(pattern[3:], name) is not None
+    if pattern.startswith("type:"):
+        return any(fnmatchcase(t, pattern[5:]) for t in types)
+    return fnmatchcase(name, pattern)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -70,8 +100,10 @@ class QuantConfig:
     act_fsr: str = "mse"  # FSR method for activations: max | percentile | mse
     percentile: float = 99.99  # for the "percentile" method, of |x|
     quantize_first_input: bool = False  # also quantize the network input (the image)
-    skip: tuple[str, ...] = ()  # layer names left entirely in float
+    skip: tuple[str, ...] = ()  # layer patterns (see layer_matches) left entirely in float
+    # layer pattern -> formats; where several match a layer, later entries win per field
     overrides: dict[str, LayerOverride] = dataclasses.field(default_factory=dict)
+    unsupported: str = "error"  # a layer logquant cannot quantize: "error" or stay "float"
 
     def __post_init__(self) -> None:
         for field in ("conv_weights", "fc_weights", "acts", "grads"):
@@ -82,9 +114,15 @@ class QuantConfig:
                                   f"got {getattr(self, field)!r}")
         if not 0.0 < float(self.percentile) <= 100.0:
             raise ConfigError(f"percentile must be in (0, 100], got {self.percentile}")
-        object.__setattr__(self, "skip", tuple(self.skip))
+        if self.unsupported not in UNSUPPORTED_CHOICES:
+            raise ConfigError(f"unsupported must be 'error' or 'float', got "
+                              f"{self.unsupported!r}")
+        if isinstance(self.skip, str):
+            raise ConfigError(f"skip must be a list of layer patterns, got {self.skip!r}")
+        object.__setattr__(self, "skip", tuple(check_pattern(p, "skip") for p in self.skip))
         overrides = {}
         for name, value in dict(self.overrides).items():
+            check_pattern(name, "overrides")
             if isinstance(value, dict):
                 unknown = set(value) - {"weights", "acts"}
                 if unknown:
@@ -95,26 +133,40 @@ class QuantConfig:
         object.__setattr__(self, "overrides", overrides)
 
     # -- lookups ------------------------------------------------------------------------
-    def layer_names(self) -> set[str]:
-        """Every layer name the configuration mentions (checked against the model)."""
-        return set(self.skip) | set(self.overrides)
+    def layer_patterns(self) -> list[str]:
+        """Every layer pattern the configuration holds (each must select a layer)."""
+        return list(self.skip) + list(self.overrides)
 
-    def weight_format(self, layer: str, kind: str) -> Format | None:
-        """The weight format of ``layer``; ``kind`` is "conv" or "fc"."""
-        if layer in self.skip:
-            return None
-        override = self.overrides.get(layer)
-        if override is not None and override.weights != "inherit":
-            return override.weights
-        return self.conv_weights if kind == "conv" else self.fc_weights
+    def skipped_by(self, layer: str, types: Sequence[str] = ()) -> str | None:
+        """The skip pattern that leaves ``layer`` in float, if any."""
+        return next((p for p in self.skip if layer_matches(p, layer, types)), None)
 
-    def act_format(self, layer: str) -> Format | None:
-        if layer in self.skip:
+    def _override(self, field: str, layer: str, types: Sequence[str], default):
+        for pattern, override in self.overrides.items():
+            value = getattr(override, field)
+            if value != "inherit" and layer_matches(pattern, layer, types):
+                default = value
+        return default
+
+    def weight_format(self, layer: str, kind: str, types: Sequence[str] = ()) -> Format | None:
+        """The weight format of ``layer``; ``kind`` is "conv" or "fc"; ``types`` the names
+        of its class and base classes (for ``type:`` patterns)."""
+        if self.skipped_by(layer, types):
             return None
-        override = self.overrides.get(layer)
-        if override is not None and override.acts != "inherit":
-            return override.acts
-        return self.acts
+        return self._override("weights", layer, types,
+                              self.conv_weights if kind == "conv" else self.fc_weights)
+
+    def act_format(self, layer: str, types: Sequence[str] = ()) -> Format | None:
+        """The format of ``layer``'s input (before the first-layer rule)."""
+        if self.skipped_by(layer, types):
+            return None
+        return self._override("acts", layer, types, self.acts)
+
+    @property
+    def needs_act_calibration(self) -> bool:
+        """Does some activation format take its FSR from data?"""
+        formats = [self.acts] + [o.acts for o in self.overrides.values()]
+        return any(f not in (None, "inherit") and f.fsr is None for f in formats)
 
     @property
     def is_float(self) -> bool:
@@ -134,7 +186,8 @@ class QuantConfig:
             "percentile": self.percentile,
             "quantize_first_input": self.quantize_first_input,
             "skip": list(self.skip),
-            "overrides": {k: v.to_dict() for k, v in sorted(self.overrides.items())},
+            "overrides": {k: v.to_dict() for k, v in self.overrides.items()},
+            "unsupported": self.unsupported,
         }
 
     @classmethod

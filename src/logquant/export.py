@@ -32,15 +32,16 @@ from logquant.convert import PreparedModel, check_finite
 from logquant.engine.arith import grid_exponent
 from logquant.fold import fold_batchnorm
 from logquant.lqz import MAGIC, VERSION, LqzError, LqzModel
-from logquant.nn import _QuantizedLayer
+from logquant.nn import QuantizedLayer, float_class
 
 _FLATTEN_METHODS = ("flatten", "view", "reshape")
+ENGINE_LAYERS = {nn.Conv2d: "conv", nn.Linear: "linear"}  # exactly these classes
 _IDENTITY_MODULES = (nn.Dropout, nn.Identity)
 
 
 class _Tracer(fx.Tracer):
     def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
-        return isinstance(m, _QuantizedLayer) or super().is_leaf_module(m, qualname)
+        return isinstance(m, QuantizedLayer) or super().is_leaf_module(m, qualname)
 
 
 def trace(model: nn.Module, sample: torch.Tensor) -> fx.GraphModule:
@@ -139,7 +140,7 @@ def quantize_for_export(model: nn.Module, config: QuantConfig | None, images: to
     """
     check_finite(model)
     sample = images[:1].float()
-    quantized = any(isinstance(m, _QuantizedLayer) for m in model.modules())
+    quantized = any(isinstance(m, QuantizedLayer) for m in model.modules())
     if not quantized:
         if config is None or config.is_float:
             raise LqzError("export needs formats: pass --weights and --acts (or --config)")
@@ -158,7 +159,7 @@ def quantize_for_export(model: nn.Module, config: QuantConfig | None, images: to
     model = copy.deepcopy(model).eval()
     offset = fold_normalization(model, sample, mean, std)
     for module in model.modules():
-        if isinstance(module, _QuantizedLayer) and not bool(module.weight_frozen):
+        if isinstance(module, QuantizedLayer) and not module.weight_frozen:
             if module.weight_quant.spec is not None and module.weight_quant.rule != "fixed":
                 module.weight_quant.set_fsr(fsr_covering(float(module.weight.detach().abs().max())))
             if module.weight_quant.spec is not None:
@@ -175,8 +176,13 @@ def _as_op(gm: fx.GraphModule, node: fx.Node) -> tuple[str, dict[str, Any]]:
     target, args, kwargs = node.target, node.args, node.kwargs
     if node.op == "call_module":
         m = gm.get_submodule(target)
-        if isinstance(m, _QuantizedLayer):
-            return ("conv" if isinstance(m, nn.Conv2d) else "linear"), {}
+        if isinstance(m, QuantizedLayer):
+            kind = ENGINE_LAYERS.get(float_class(m))
+            if kind is None or m.stored_weight is None:
+                what = "parametrized " if m.stored_weight is None else ""
+                return "", {"what": f"{what}{type(m).__name__} (the engine runs plain Conv2d "
+                            "and Linear layers)"}
+            return kind, {}
         if isinstance(m, _IDENTITY_MODULES):
             return "identity", {}
         if isinstance(m, nn.ReLU):
@@ -375,7 +381,7 @@ def float32_size(qmodel: nn.Module) -> int:
 
     tensors = {}
     for name, module in qmodel.named_modules():
-        if isinstance(module, _QuantizedLayer):
+        if isinstance(module, QuantizedLayer):
             tensors[f"{name}.weight"] = module.weight.detach().float().contiguous()
             if module.bias is not None:
                 tensors[f"{name}.bias"] = module.bias.detach().float().contiguous()

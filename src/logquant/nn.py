@@ -1,17 +1,29 @@
-"""Quantized modules: one ``Quantizer`` (weights, activations) and conv/linear that use it.
+"""Quantized layers: one ``Quantizer`` (weights, activations) attached to any conv/linear.
 
-The quantizer simulates a format in float (fake quantization) and passes gradients straight
+A quantizer simulates a format in float (fake quantization) and passes gradients straight
 through (optionally clipped where the input saturated), so the same module serves
 post-training quantization and quantization-aware training.
+
+A layer is quantized in place, whatever its class: its class becomes a subclass of itself
+that runs the layer's own ``forward`` while intercepting the one conv/linear call inside it
+(a ``TorchFunctionMode``, thread-local). That call's input and weight are quantized, so the
+layer keeps its padding, groups, dilation and any weight transform (weight standardization,
+``torch.nn.utils.parametrize``, "same" padding of TF ports): the weight quantized is the
+weight the layer actually uses, the input the one it actually receives.
 """
 
 from __future__ import annotations
 
+import threading
+from collections.abc import Callable
+
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.overrides import TorchFunctionMode
 
 from logquant.distributed import global_max
+from logquant.errors import LogquantError
 from logquant.formats import Format
 
 
@@ -54,6 +66,10 @@ class Quantizer(nn.Module):
     max|x| < 2^FSR; used for weights) or ``running_max`` (the same on an exponential moving
     average of the per-step max|x|, ``momentum`` 0.9; used for activations). An unsigned spec
     that meets negative values in training becomes signed with the same total bits.
+
+    The complete format is also kept as a Python object (``format``), refreshed whenever
+    the buffers change, so that inference never reads a tensor to decide what to do: no
+    host synchronization per layer, and torch.compile / torch.export see a static graph.
     """
 
     def __init__(self, spec: Format | None, fsr: int | None = None, clip_ste: bool = False,
@@ -68,23 +84,28 @@ class Quantizer(nn.Module):
         self.register_buffer("calibrated", torch.tensor(fsr is not None))
         self.register_buffer("signed", torch.tensor(bool(spec is not None and spec.signed)))
         self.register_buffer("running_max", torch.tensor(0.0))
-        self._formats: dict[tuple[int, bool], Format] = {}
-        self._scratch: torch.Tensor | None = None  # reused inference output, see forward
+        self.format: Format | None = None
+        self._refresh()
+
+    def _refresh(self) -> None:
+        """Derive ``format`` from the buffers (after construction, set_fsr, loading)."""
+        if self.spec is None or not bool(self.calibrated):
+            self.format = None
+        else:
+            self.format = self.spec.with_signed(bool(self.signed)).with_fsr(int(self.fsr))
+
+    def _load_from_state_dict(self, *args, **kwargs):
+        super()._load_from_state_dict(*args, **kwargs)
+        self._refresh()
 
     def set_fsr(self, fsr: int) -> None:
         self.fsr.fill_(int(fsr))
         self.calibrated.fill_(True)
+        self._refresh()
 
-    @property
-    def format(self) -> Format | None:
-        """The complete format (with FSR and sign), or None when disabled or uncalibrated."""
-        if self.spec is None or not bool(self.calibrated):
-            return None
-        key = (int(self.fsr), bool(self.signed))
-        fmt = self._formats.get(key)
-        if fmt is None:
-            fmt = self._formats[key] = self.spec.with_signed(key[1]).with_fsr(key[0])
-        return fmt
+    def set_signed(self, signed: bool) -> None:
+        self.signed.fill_(bool(signed))
+        self._refresh()
 
     @torch.no_grad()
     def start_from(self, max_abs: float, has_negative: bool) -> None:
@@ -111,10 +132,8 @@ class Quantizer(nn.Module):
             self.running_max.copy_(batch_max)
         self.set_fsr(fsr_covering(float(self.running_max)))
 
-    def forward(self, x: torch.Tensor, scratch: bool = False) -> torch.Tensor:
-        """Quantize ``x``. ``scratch=True`` lets inference write into a buffer this module
-        reuses across calls: only for callers that consume the result before the next call
-        (conv/linear inputs do) and never while autograd records."""
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Quantize ``x`` (a new tensor; nothing is shared between calls or threads)."""
         if self.spec is None:
             return x
         if self.training and self.rule != "fixed":
@@ -123,19 +142,12 @@ class Quantizer(nn.Module):
         if fmt is None:
             raise RuntimeError(f"quantizer {self.spec.name} has no FSR yet: calibrate it "
                                "(quantize_model / prepare_qat do) or call set_fsr()")
-        if scratch and not torch.is_grad_enabled() and not torch.compiler.is_compiling():
-            buffer = self._scratch
-            if (buffer is None or buffer.shape != x.shape or buffer.dtype != x.dtype
-                    or buffer.device != x.device):
-                buffer = self._scratch = torch.empty_like(x, memory_format=torch.contiguous_format)
-            return fmt.quantize(x, out=buffer)
         return fake_quantize(x, fmt, self.clip_ste)
 
     def extra_repr(self) -> str:
         if self.spec is None:
             return "float"
-        fmt = self.format
-        return f"{(fmt or self.spec).name}, rule={self.rule}"
+        return f"{(self.format or self.spec).name}, rule={self.rule}"
 
 
 class _QuantizeError(torch.autograd.Function):
@@ -185,84 +197,186 @@ class ErrorQuantizer(nn.Module):
         return "float" if self.spec is None else self.spec.name
 
 
-class _QuantizedLayer:
-    """Mixin for conv/linear: quantize the input, then the weight (unless already frozen)."""
+# ----------------------------------------------------------------------------------------
+# Which layers are quantized, and the one call inside each that is intercepted
+
+# Float layer type -> kind ("conv" / "fc": which weight format of QuantConfig applies).
+# Subclasses count: a layer is quantizable when it is an instance of one of these.
+LAYER_KINDS: dict[type[nn.Module], str] = {
+    nn.Conv1d: "conv", nn.Conv2d: "conv", nn.Conv3d: "conv",
+    nn.ConvTranspose1d: "conv", nn.ConvTranspose2d: "conv", nn.ConvTranspose3d: "conv",
+    nn.Linear: "fc",
+}
+
+# The functional ops those layers compute with; (input, weight) are their first arguments.
+LAYER_FUNCTIONS = frozenset({F.conv1d, F.conv2d, F.conv3d, F.conv_transpose1d,
+                             F.conv_transpose2d, F.conv_transpose3d, F.linear})
+
+
+def layer_kind(module: nn.Module) -> str | None:
+    """"conv" or "fc" for a module logquant quantizes (subclasses included), else None."""
+    for cls in type(module).__mro__:
+        kind = LAYER_KINDS.get(cls)
+        if kind is not None:
+            return kind
+    return None
+
+
+class UnsupportedLayerError(LogquantError):
+    """A conv/linear layer whose forward logquant cannot quantize faithfully."""
+
+
+class _LayerCall(TorchFunctionMode):
+    """Active while one quantized layer runs its own forward: quantizes the input and
+    weight of the conv/linear call made there, and counts such calls (exactly one is
+    allowed). Torch function modes are thread-local, so concurrent calls never mix."""
+
+    def __init__(self, layer: QuantizedLayer):
+        super().__init__()
+        self.layer = layer
+        self.calls = 0
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func not in LAYER_FUNCTIONS:
+            return func(*args, **kwargs)
+        self.calls += 1
+        if self.calls > 1:
+            raise UnsupportedLayerError(
+                f"{self.layer.logquant_name}: its forward computes more than one conv/linear "
+                "op; quantize its parts as separate layers, or leave it float "
+                "(unsupported='float')")
+        x, weight, rest = _split_args(func, args, kwargs)
+        layer = self.layer
+        observer = layer.logquant_observer
+        if observer is not None:
+            observer(x, weight)
+        out = func(layer.input_quant(x), layer._use_weight(weight), *rest, **kwargs)
+        return layer.error_quant(out)
+
+
+def _split_args(func, args: tuple, kwargs: dict) -> tuple[torch.Tensor, torch.Tensor, tuple]:
+    """(input, weight, remaining positional args) of a conv/linear call."""
+    if len(args) >= 2:
+        return args[0], args[1], tuple(args[2:])
+    x = args[0] if args else kwargs.pop("input")
+    return x, kwargs.pop("weight"), ()
+
+
+class QuantizedLayer:
+    """Mixin placed before a conv/linear class: the quantized version of that class.
+
+    Attributes: ``input_quant`` and ``weight_quant`` (Quantizer), ``error_quant``
+    (ErrorQuantizer, training only), ``weight_frozen`` (the stored weight already holds
+    quantized values: post-training), ``logquant_name`` (for messages) and
+    ``logquant_observer`` (calibration: called with the call's float input and weight).
+    """
 
     input_quant: Quantizer
     weight_quant: Quantizer
+    error_quant: ErrorQuantizer
+    weight_frozen: bool
+    logquant_name: str
+    logquant_observer: Callable[[torch.Tensor, torch.Tensor], None] | None
 
-    def _init_quantizers(self, weight_format: Format | None, act_format: Format | None):
-        self.weight_quant = Quantizer(weight_format)
-        self.input_quant = Quantizer(act_format)
+    def _init_quantizers(self, name: str = "") -> None:
+        self.weight_quant = Quantizer(None)
+        self.input_quant = Quantizer(None)
         self.error_quant = ErrorQuantizer(None)
-        self.register_buffer("weight_frozen", torch.tensor(False))
+        self.weight_frozen = False
+        self.logquant_name = name or type(self).__name__
+        self.logquant_observer = None
+
+    def forward(self, *args, **kwargs):
+        mode = _LayerCall(self)
+        with mode:
+            out = super().forward(*args, **kwargs)
+        if mode.calls == 0:
+            raise UnsupportedLayerError(
+                f"{self.logquant_name}: its forward computes no conv/linear op that logquant "
+                "can intercept (F.conv*/F.linear); leave it float (unsupported='float')")
+        return out
+
+    @property
+    def stored_weight(self) -> torch.Tensor | None:
+        """The weight parameter itself when the layer computes with it untransformed
+        (not parametrized), else None."""
+        return self._parameters.get("weight")
+
+    def _use_weight(self, weight: torch.Tensor) -> torch.Tensor:
+        if self.weight_frozen and weight is self.stored_weight:
+            return weight  # already quantized in place
+        return self.weight_quant(weight)
 
     def freeze_weight(self) -> None:
-        """Replace the float weight by its quantized value once (post-training use)."""
+        """Replace the stored float weight by its quantized value once (post-training)."""
+        weight = self.stored_weight
+        if weight is None:
+            raise UnsupportedLayerError(f"{self.logquant_name}: its weight is computed "
+                                        "(parametrized); it is quantized at each call")
         with torch.no_grad():
-            self.weight.copy_(self.weight_quant(self.weight))
-        self.weight_frozen.fill_(True)
+            weight.copy_(self.weight_quant(weight))
+        self.weight_frozen = True
 
     def quantized_weight(self) -> torch.Tensor:
-        if bool(self.weight_frozen):
-            return self.weight
-        return self.weight_quant(self.weight)
+        """The quantized weight this layer computes with (stored weights only)."""
+        weight = self.stored_weight
+        if weight is None:
+            raise UnsupportedLayerError(f"{self.logquant_name}: its weight is computed "
+                                        "(parametrized), not stored")
+        return weight if self.weight_frozen else self.weight_quant(weight)
 
-    @classmethod
-    def from_float(cls, module: nn.Module, weight_format: Format | None = None,
-                   act_format: Format | None = None):
-        """A quantized copy of ``module`` sharing nothing with it."""
-        raise NotImplementedError
-
-
-class QConv2d(_QuantizedLayer, nn.Conv2d):
-    """nn.Conv2d whose input and weight pass through quantizers before ``F.conv2d``."""
-
-    def __init__(self, *args, weight_format: Format | None = None,
-                 act_format: Format | None = None, **kwargs):
-        super().__init__(*args, **kwargs)
-        self._init_quantizers(weight_format, act_format)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        xq = self.input_quant(x, scratch=True)  # consumed right here: a reusable buffer
-        return self.error_quant(self._conv_forward(xq, self.quantized_weight(), self.bias))
-
-    @classmethod
-    def from_float(cls, module: nn.Conv2d, weight_format=None, act_format=None) -> QConv2d:
-        new = cls(module.in_channels, module.out_channels, module.kernel_size,
-                  stride=module.stride, padding=module.padding, dilation=module.dilation,
-                  groups=module.groups, bias=module.bias is not None,
-                  padding_mode=module.padding_mode, weight_format=weight_format,
-                  act_format=act_format, device=module.weight.device,
-                  dtype=module.weight.dtype)
-        new.load_state_dict(module.state_dict(), strict=False)
-        return new
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        # files written before weight_frozen became a plain attribute carry it as a buffer
+        frozen = state_dict.pop(prefix + "weight_frozen", None)
+        if frozen is not None:
+            self.weight_frozen = bool(frozen)
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
 
-class QLinear(_QuantizedLayer, nn.Linear):
-    """nn.Linear whose input and weight pass through quantizers before ``F.linear``."""
-
-    def __init__(self, *args, weight_format: Format | None = None,
-                 act_format: Format | None = None, **kwargs):
-        super().__init__(*args, **kwargs)
-        self._init_quantizers(weight_format, act_format)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        out = F.linear(self.input_quant(x, scratch=True), self.quantized_weight(), self.bias)
-        return self.error_quant(out)
-
-    @classmethod
-    def from_float(cls, module: nn.Linear, weight_format=None, act_format=None) -> QLinear:
-        new = cls(module.in_features, module.out_features, bias=module.bias is not None,
-                  weight_format=weight_format, act_format=act_format,
-                  device=module.weight.device, dtype=module.weight.dtype)
-        new.load_state_dict(module.state_dict(), strict=False)
-        return new
+_QUANTIZED_CLASSES: dict[type, type] = {}
+_CLASS_LOCK = threading.Lock()
 
 
-# The data-driven map from float module types to their quantized versions, and the kind
-# ("conv" / "fc") that selects the weight format in QuantConfig.
-QUANTIZED_TYPES: dict[type[nn.Module], tuple[type[nn.Module], str]] = {
-    nn.Conv2d: (QConv2d, "conv"),
-    nn.Linear: (QLinear, "fc"),
-}
+def quantized_class(cls: type[nn.Module]) -> type[nn.Module]:
+    """The quantized version of a conv/linear class (made once per class)."""
+    with _CLASS_LOCK:
+        qcls = _QUANTIZED_CLASSES.get(cls)
+        if qcls is None:
+            qcls = type(f"Q{cls.__name__}", (QuantizedLayer, cls),
+                        {"__module__": __name__, "__qualname__": f"Q{cls.__name__}",
+                         "__doc__": f"{cls.__name__} with quantized input and weight."})
+            _QUANTIZED_CLASSES[cls] = qcls
+        return qcls
+
+
+def quantize_layer_(module: nn.Module, name: str = "") -> QuantizedLayer:
+    """Make ``module`` (a conv/linear, any subclass) quantized in place, with identity
+    quantizers to be configured; returns it."""
+    if isinstance(module, QuantizedLayer):
+        raise LogquantError(f"{name or type(module).__name__} is already quantized")
+    if layer_kind(module) is None:
+        raise LogquantError(f"{name}: {type(module).__name__} is not a conv/linear layer")
+    module.__class__ = quantized_class(type(module))
+    module._init_quantizers(name)
+    return module
+
+
+def restore_float_(module: nn.Module) -> nn.Module:
+    """Undo ``quantize_layer_``: the layer's own class again, without quantizers."""
+    if isinstance(module, QuantizedLayer):
+        for attr in ("weight_quant", "input_quant", "error_quant"):
+            delattr(module, attr)
+        for attr in ("weight_frozen", "logquant_name", "logquant_observer"):
+            module.__dict__.pop(attr, None)
+        module.__class__ = float_class(module)
+    return module
+
+
+def float_class(module: nn.Module) -> type[nn.Module]:
+    """The class a (possibly quantized) layer had before quantization."""
+    return type(module).__mro__[2] if isinstance(module, QuantizedLayer) else type(module)
+
+
+QConv2d = quantized_class(nn.Conv2d)
+QLinear = quantized_class(nn.Linear)

@@ -17,48 +17,49 @@ from torch import nn
 
 from logquant.config import QuantConfig
 from logquant.convert import (
+    attach_quantizers,
     check_finite,
     check_layer_names,
     collect_input_stats,
-    quantizable_layers,
-    replace_module,
+    find_layers,
 )
 from logquant.fold import fold_batchnorm
-from logquant.nn import QUANTIZED_TYPES, ErrorQuantizer, Quantizer
+from logquant.nn import ErrorQuantizer, Quantizer
 
 
 def prepare_qat(model: nn.Module, config: QuantConfig, calibration_data: Any = None, *,
                 fold_bn: bool = False, clip_ste: bool = False,
-                num_batches: int | None = 4) -> nn.Module:
+                num_batches: int | None = 4, input_key: str | None = None) -> nn.Module:
     """A copy of ``model`` ready for quantization-aware training under ``config``.
 
     ``fold_bn`` folds BatchNorm into the convs first (fine-tuning a trained model for
     deployment); otherwise BatchNorm layers train in float after the quantized convs.
     ``calibration_data`` (optional) finds the first layer in execution order and starts the
     activation FSRs from the data; without it, module order decides and the first training
-    step sets them.
+    step sets them. Every conv/linear layer is covered as in ``quantize_model``.
     """
     check_finite(model)
     model = fold_batchnorm(model) if fold_bn else copy.deepcopy(model)
-    layers = quantizable_layers(model)
-    check_layer_names(config, layers)
+    infos = find_layers(model)
+    check_layer_names(config, infos)
+    layers, _ = attach_quantizers(model, config.unsupported)
     stats, order = {}, list(layers)
     if calibration_data is not None:
-        stats, order = collect_input_stats(model.eval(), calibration_data, layers, num_batches)
+        stats, order = collect_input_stats(model.eval(), calibration_data, layers, num_batches,
+                                           input_key)
     first, last = (order[0], order[-1]) if order else (None, None)
-    for name, (module, kind) in layers.items():
-        weight_fmt = config.weight_format(name, kind)
+    for name, layer in layers.items():
+        kind, types = infos[name].kind, infos[name].types
+        weight_fmt = config.weight_format(name, kind, types)
         act_fmt = None if name == first and not config.quantize_first_input else \
-            config.act_format(name)
-        qmodule = QUANTIZED_TYPES[type(module)][0].from_float(module)
-        qmodule.weight_quant = _dynamic(weight_fmt, "current_max", clip_ste)
-        qmodule.input_quant = _dynamic(act_fmt, "running_max", clip_ste)
+            config.act_format(name, types)
+        layer.weight_quant = _dynamic(weight_fmt, "current_max", clip_ste)
+        layer.input_quant = _dynamic(act_fmt, "running_max", clip_ste)
         # the error at the logits is the loss gradient itself, not a back-propagated one; it
         # stays in float like the logits (quantizing it breaks its zero sum over classes)
-        qmodule.error_quant = ErrorQuantizer(None if name == last else config.grads)
+        layer.error_quant = ErrorQuantizer(None if name == last else config.grads)
         if act_fmt is not None and act_fmt.fsr is None and name in stats:
-            qmodule.input_quant.start_from(stats[name].max_abs, stats[name].has_negative)
-        replace_module(model, name, qmodule)
+            layer.input_quant.start_from(stats[name].max_abs, stats[name].has_negative)
     model.logquant_config = config
     return model.train()
 
