@@ -57,7 +57,7 @@ BAD_COMMANDS = [
     (["eval", "--acts", "log3", "--act-fsr", "1.5"], "an integer FSR, got '1.5'"),
     (["eval", "--acts", "log3@fsr1.5"], "unknown format"),
     (["eval", "--weights", "log4", "--layer", "features.99=weights:log3"],
-     "unknown layer name 'features.99'"),
+     "layer pattern 'features.99' selects no layer"),
     (["eval", "--layer", "features.3"], "expected NAME=weights:FMT"),
     (["eval", "--checkpoint", "/nonexistent/w.safetensors"], "weights file not found"),
     (["eval", "--data-dir", "/nonexistent"], "data directory not found"),

@@ -105,6 +105,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="validation batches (of --batch-size) used for calibration")
     p.add_argument("--split", choices=("test", "val"), default="test",
                    help="where accuracy is measured (calibration always uses val)")
+    p.add_argument("--quantized", default=None, metavar="FILE",
+                   help="a quantized model saved by --save-quantized (or save_quantized): "
+                        "its formats and FSRs, no calibration; --model gives the architecture")
+    p.add_argument("--save-quantized", default=None, metavar="FILE",
+                   help="also write the quantized model (.safetensors) for --quantized")
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p.set_defaults(func=cmd_eval)
 
@@ -228,10 +233,16 @@ def _add_format_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--percentile", type=float, default=None, help="for --fsr-method percentile")
     g.add_argument("--quantize-input", action="store_true",
                    help="also quantize the first layer's input (the image)")
-    g.add_argument("--layer", action="append", default=[], metavar="NAME=weights:FMT,acts:FMT",
-                   help="per-layer override (repeatable); 'float' keeps that part in float")
-    g.add_argument("--skip", action="append", default=[], metavar="NAME",
-                   help="leave this layer entirely in float (repeatable)")
+    g.add_argument("--layer", action="append", default=[],
+                   metavar="PATTERN=weights:FMT,acts:FMT",
+                   help="per-layer override (repeatable; later ones win); PATTERN is a layer "
+                        "name or glob (features.*), re:REGEX, or type:CLASS; 'float' keeps "
+                        "that part in float")
+    g.add_argument("--skip", action="append", default=[], metavar="PATTERN",
+                   help="leave the layers PATTERN selects entirely in float (repeatable)")
+    g.add_argument("--unsupported", choices=("error", "float"), default=None,
+                   help="a conv/linear layer logquant cannot quantize: stop with an error "
+                        "naming it (default) or leave it float and list it")
 
 
 def _parse_layer_override(text: str) -> tuple[str, dict[str, str]]:
@@ -240,6 +251,11 @@ def _parse_layer_override(text: str) -> tuple[str, dict[str, str]]:
     if not sep or not name or not parts or any(not v for v in parts.values()):
         raise LogquantError(f"--layer {text!r}: expected NAME=weights:FMT,acts:FMT")
     return name, parts
+
+
+def _first_given(*values):
+    """The first value that was given (an FSR of 0 is given)."""
+    return next((v for v in values if v is not None), None)
 
 
 def config_from_args(args: argparse.Namespace):
@@ -253,8 +269,8 @@ def config_from_args(args: argparse.Namespace):
     for field in ("conv_weights", "fc_weights", "acts"):
         if getattr(args, field):
             base[field] = getattr(args, field)
-    for field, value in (("weight_fsr", args.weight_fsr or args.fsr_method),
-                         ("act_fsr", args.act_fsr or args.fsr_method)):
+    for field, value in (("weight_fsr", _first_given(args.weight_fsr, args.fsr_method)),
+                         ("act_fsr", _first_given(args.act_fsr, args.fsr_method))):
         if isinstance(value, int):  # a fixed FSR: pin it in the formats it applies to
             targets = ("conv_weights", "fc_weights") if field == "weight_fsr" else ("acts",)
             for target in targets:
@@ -267,6 +283,8 @@ def config_from_args(args: argparse.Namespace):
         base["percentile"] = args.percentile
     if args.quantize_input:
         base["quantize_first_input"] = True
+    if args.unsupported:
+        base["unsupported"] = args.unsupported
     if args.skip:
         base["skip"] = list(base.get("skip", [])) + args.skip
     overrides = dict(base.get("overrides", {}))
@@ -281,27 +299,37 @@ def cmd_eval(args: argparse.Namespace, argv: list[str]) -> int:
     from logquant.convert import describe, quantize_model
     from logquant.data import load_splits
     from logquant.evaluate import evaluate
+    from logquant.io import check_output_path
+    from logquant.persist import load_quantized, save_quantized
 
     config = config_from_args(args)
+    if args.quantized and not config.is_float:
+        raise LogquantError("--quantized FILE carries its formats; drop the format flags")
+    if args.save_quantized:
+        check_output_path(args.save_quantized)
     device = _device(args.device)
     splits = load_splits(args.data_dir, args.image_size)
     model = _load_checked_model(args, splits, device)
-    if not config.is_float:
+    if args.quantized:
+        model = load_quantized(model, args.quantized)
+    elif not config.is_float:
         model = quantize_model(model, config, splits.val.batches(args.batch_size, device),
                                num_batches=args.calib_batches)
+    layers = describe(model)
+    if args.save_quantized:
+        if layers.quantized == 0:
+            raise LogquantError("--save-quantized: nothing is quantized; give formats")
+        save_quantized(model, args.save_quantized)
     dataset = getattr(splits, args.split)
     acc = evaluate(model, dataset, args.batch_size, device, progress=not args.json)
     if args.json:
         print(json.dumps({"model": args.model, "checkpoint": args.checkpoint,
                           "split": args.split, **acc.as_dict(), "config": config.to_dict(),
-                          "layers": describe(model)}, sort_keys=True))
+                          "layers": list(layers), "quantized_layers": layers.quantized,
+                          "conv_linear_layers": layers.total}, sort_keys=True))
     else:
-        for row in describe(model):
-            print(f"  {row['layer']:<24} weights {row['weights']:<16} input {row['input']}")
-        from logquant.convert import is_quantized
-
-        trained_quantized = is_quantized(model)
-        label = "float" if config.is_float and not trained_quantized else "quantized"
+        print(layers)
+        label = "quantized" if layers.quantized else "float"
         print(f"{args.model} ({label}) on {args.split} ({acc.count} images): "
               f"top-1 {acc.top1:.2f} %  top-5 {acc.top5:.2f} %")
     return 0
@@ -358,6 +386,7 @@ def cmd_sweep(args: argparse.Namespace, argv: list[str]) -> int:
 
     splits, model, out, manifest, settings = _sweep_inputs(args)
     prepared = prepare_sweep(model, splits, settings)
+    print(prepared.coverage(), file=sys.stderr)
     fsr_range = args.fsr_range or default_fsr_range(prepared)
     points = paper_grid(fsr_range, args.fsr_method, args.act_bits)
     manifest.update(fsr_range=list(fsr_range), fsr_method=args.fsr_method,
@@ -421,8 +450,11 @@ def cmd_train(args: argparse.Namespace, argv: list[str]) -> int:
         load_weights(model, args.init)
     quantized = not config.is_float or config.grads is not None
     if quantized:
+        from logquant.coverage import describe
+
         model = prepare_qat(model, config, splits.val.batches(args.batch_size),
                             fold_bn=args.fold_bn, clip_ste=args.clip_ste)
+        print(describe(model).summary(), file=sys.stderr)
     cfg = TrainConfig(epochs=args.epochs, batch_size=args.train_batch_size, lr=args.lr,
                       seed=args.seed, warmup_epochs=args.warmup_epochs,
                       test_each_epoch=args.test_each_epoch)

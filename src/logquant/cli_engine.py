@@ -116,6 +116,9 @@ def cmd_export(args: argparse.Namespace, argv: list[str]) -> int:
             "classes": list(splits.train.classes),
             "normalization": {"mean": list(splits.val.mean), "std": list(splits.val.std)},
             "calibration": {"split": "val", "images": len(calibration)}}
+    from logquant.coverage import describe
+
+    print(describe(qmodel).summary())
     network = build_lqz(qmodel, offset, list(splits.val.images.shape[1:]), meta)
     engine = Engine(network)  # refuses, naming the op, what it could not compute exactly
     size = lqz.save(network, args.out, compress=args.compress)

@@ -114,6 +114,9 @@ def _search(args: argparse.Namespace, argv: list[str], out: Path) -> int:
     write_json_atomic(out / "config.json", result.config.to_dict())
     write_json_atomic(out / "search.json", summary)
     search_pareto(summary, references, out / "pareto.png")
+    from logquant.coverage import describe
+
+    print(describe(search.prepared.apply(result.config)).summary())
     _print(summary, search, result)
     print(f"{out / 'config.json'}: the configuration (eval/export/train/run/cost --config); "
           f"{out / 'search.json'}, {out / 'pareto.png'}")

@@ -251,6 +251,12 @@ class PreparedModel:
         self._fsrs: dict[tuple, int] = {}
         self._weights: dict[tuple[str, str], torch.Tensor] = {}
 
+    def coverage(self) -> str:
+        """"quantized N of M conv/linear layers", the float ones named with their reason."""
+        reasons = getattr(self.model, FLOAT_REASONS_ATTR, {})
+        text = f"quantized {len(self.layers)} of {len(self.infos)} conv/linear layers"
+        return text + "".join(f"; {n} float: {r}" for n, r in reasons.items())
+
     @property
     def first_layer(self) -> str | None:
         return self.order[0] if self.order else None

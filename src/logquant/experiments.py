@@ -57,6 +57,7 @@ def reproduce(model: torch.nn.Module, splits: Splits, out: Path, manifest: dict,
     terminal summary."""
     start = time.time()
     calibration = prepare_sweep(model, splits, settings)  # shared with the sweep itself
+    log(calibration.coverage())
     fsr_range = fsr_range or default_fsr_range(calibration)
     points = paper_grid(fsr_range, method, act_bits)
     manifest = {**manifest, "fsr_range": list(fsr_range), "fsr_method": method,
