@@ -285,9 +285,10 @@ class PreparedModel:
         if not self.calibrated or name in self.order:
             return False
         if self.unsupported != "float":
-            raise UnsupportedLayerError(f"{name}: never ran on the calibration data, so its "
-                                        "input range is unknown; leave it float "
-                                        "(unsupported='float') or fix its input format's FSR")
+            raise UnsupportedLayerError(
+                f"{name}: its forward never ran on the calibration data (its weight may be "
+                "used by its parent, as nn.MultiheadAttention does with out_proj), so its "
+                "input cannot be quantized; leave it float (unsupported='float')")
         return True
 
     def resolve(self, config: QuantConfig) -> dict[str, tuple[Format | None, Format | None]]:
@@ -304,8 +305,8 @@ class PreparedModel:
             act_fmt = config.act_format(name, types)
             if name == self.first_layer and not config.quantize_first_input:
                 act_fmt = None
-            if act_fmt is not None and act_fmt.fsr is None and self._never_ran(name):
-                act_fmt = None
+            if act_fmt is not None and self._never_ran(name):  # input quantizer unused
+                weight_fmt = act_fmt = None
             if act_fmt is not None:
                 act_fmt = self._calibrated(act_fmt, self.act_stats.get(name), config.act_fsr,
                                            config.percentile, f"{name} input")
