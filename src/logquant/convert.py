@@ -117,7 +117,13 @@ def _probe_weight(layer: QuantizedLayer) -> torch.Tensor:
     """The weight ``layer`` computes with (after any transform in its forward), found by
     running the layer alone on a zero input; raises UnsupportedLayerError if it cannot."""
     seen: list[torch.Tensor] = []
-    layer.logquant_observer = lambda x, w: seen.append(w.detach().clone())
+    stored = layer._parameters.get("weight")
+
+    def observe(x: torch.Tensor, weight: torch.Tensor) -> None:
+        layer.uses_stored_weight = weight is stored and stored is not None
+        seen.append(weight.detach().clone())
+
+    layer.logquant_observer = observe
     try:
         layer(_probe_input(layer))
     except UnsupportedLayerError:

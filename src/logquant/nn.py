@@ -267,8 +267,9 @@ class QuantizedLayer:
     """Mixin placed before a conv/linear class: the quantized version of that class.
 
     Attributes: ``input_quant`` and ``weight_quant`` (Quantizer), ``error_quant``
-    (ErrorQuantizer, training only), ``weight_frozen`` (the stored weight already holds
-    quantized values: post-training), ``logquant_name`` (for messages) and
+    (ErrorQuantizer, training only), ``uses_stored_weight`` (the call receives the weight
+    parameter itself), ``weight_frozen`` (that parameter already holds quantized values:
+    post-training), ``logquant_name`` (for messages) and
     ``logquant_observer`` (calibration: called with the call's float input and weight).
     """
 
@@ -276,6 +277,7 @@ class QuantizedLayer:
     weight_quant: Quantizer
     error_quant: ErrorQuantizer
     weight_frozen: bool
+    uses_stored_weight: bool
     logquant_name: str
     logquant_observer: Callable[[torch.Tensor, torch.Tensor], None] | None
 
@@ -284,6 +286,9 @@ class QuantizedLayer:
         self.input_quant = Quantizer(None)
         self.error_quant = ErrorQuantizer(None)
         self.weight_frozen = False
+        # whether the conv/linear call receives the weight parameter itself; until a probe
+        # (convert.attach_quantizers) shows it, assume not: quantizing at each call is safe
+        self.uses_stored_weight = False
         self.logquant_name = name or type(self).__name__
         self.logquant_observer = None
 
@@ -299,9 +304,9 @@ class QuantizedLayer:
 
     @property
     def stored_weight(self) -> torch.Tensor | None:
-        """The weight parameter itself when the layer computes with it untransformed
-        (not parametrized), else None."""
-        return self._parameters.get("weight")
+        """The weight parameter itself when the layer's call computes with it as stored
+        (not parametrized, not transformed in forward: ``uses_stored_weight``), else None."""
+        return self._parameters.get("weight") if self.uses_stored_weight else None
 
     def _use_weight(self, weight: torch.Tensor) -> torch.Tensor:
         if self.weight_frozen and weight is self.stored_weight:
@@ -313,7 +318,8 @@ class QuantizedLayer:
         weight = self.stored_weight
         if weight is None:
             raise UnsupportedLayerError(f"{self.logquant_name}: its weight is computed "
-                                        "(parametrized); it is quantized at each call")
+                                        "(parametrized or transformed in forward); it is "
+                                        "quantized at each call")
         with torch.no_grad():
             weight.copy_(self.weight_quant(weight))
         self.weight_frozen = True
@@ -323,7 +329,7 @@ class QuantizedLayer:
         weight = self.stored_weight
         if weight is None:
             raise UnsupportedLayerError(f"{self.logquant_name}: its weight is computed "
-                                        "(parametrized), not stored")
+                                        "(parametrized or transformed in forward), not stored")
         return weight if self.weight_frozen else self.weight_quant(weight)
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
@@ -367,7 +373,8 @@ def restore_float_(module: nn.Module) -> nn.Module:
     if isinstance(module, QuantizedLayer):
         for attr in ("weight_quant", "input_quant", "error_quant"):
             delattr(module, attr)
-        for attr in ("weight_frozen", "logquant_name", "logquant_observer"):
+        for attr in ("weight_frozen", "uses_stored_weight", "logquant_name",
+                     "logquant_observer"):
             module.__dict__.pop(attr, None)
         module.__class__ = float_class(module)
     return module
