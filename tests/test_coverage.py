@@ -271,3 +271,4 @@ def test_calibration_data_in_every_usual_shape():
             data, key = data
         with pytest.raises(LogquantError):
             quantize_model(model, LOG4, data, input_key=key)
+            pytest.fail(f"{what} was accepted")
