@@ -81,6 +81,31 @@ def test_bad_input_gives_one_line_and_exit_code_2(capsys, fashion, argv, message
     assert err.count("\n") == 1 and "Traceback" not in err
 
 
+def test_act_fsr_zero_is_used_not_calibrated(capsys, fashion):
+    code, out, _ = run(capsys, "eval", "--acts", "log4", "--act-fsr", "0", "--json",
+                       "--calib-batches", "1", "--split", "val")
+    assert code == 0
+    layers = json.loads(out)["layers"]
+    assert {r["input"] for r in layers[1:]} == {"log4@fsr0"}
+
+
+def test_eval_prints_coverage_and_keeps_the_quantized_model(capsys, fashion, tmp_path):
+    saved = tmp_path / "q.safetensors"
+    code, out, _ = run(capsys, "eval", "--weights", "log4", "--acts", "log4", "--skip",
+                       "classifier.*", "--calib-batches", "1", "--split", "val",
+                       "--save-quantized", str(saved))
+    assert code == 0
+    assert "quantized 5 of 7 conv/linear layers" in out
+    assert "float (skipped by pattern 'classifier.*')" in out
+    first = out.splitlines()[-1]
+    code, out, _ = run(capsys, "eval", "--quantized", str(saved), "--split", "val")
+    assert code == 0 and out.splitlines()[-1] == first  # same accuracy, no calibration
+    code, _, err = run(capsys, "eval", "--quantized", str(saved), "--acts", "log3")
+    assert code == 2 and "carries its formats" in err
+    code, _, err = run(capsys, "eval", "--quantized", str(tmp_path / "none.safetensors"))
+    assert code == 2 and "file not found" in err
+
+
 def test_bad_config_file(capsys, fashion, tmp_path):
     path = tmp_path / "c.json"
     path.write_text('{"acts": "log3", "colour": 1}')
