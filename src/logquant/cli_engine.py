@@ -23,7 +23,10 @@ def add_commands(sub) -> None:
                         "keeps its own formats")
     p.add_argument("--calib-batches", type=cli._positive_int, default=8,
                    help="validation batches used to calibrate FSRs")
-    p.add_argument("--out", required=True, help="the .lqz file to write")
+    p.add_argument("--out", required=True, help="the file to write (.lqz, or .onnx)")
+    p.add_argument("--format", choices=("lqz", "onnx"), default="lqz", dest="file_format",
+                   help="lqz: packed codes for the integer engine (default); onnx: the "
+                        "fake-quantized model for onnxruntime (input: the normalized image)")
     p.add_argument("--compress", action="store_true",
                    help="entropy-code the weight codes (rANS) instead of bit-packing them")
     cli._add_format_args(p)
@@ -104,6 +107,8 @@ def cmd_export(args: argparse.Namespace, argv: list[str]) -> int:
 
     check_output_path(args.out)
     config = cli.config_from_args(args)
+    if args.file_format == "onnx":
+        return _export_onnx(args, config)
     splits = load_splits(args.data_dir, args.image_size)
     model = cli._load_checked_model(args, splits, torch.device("cpu"))
     calibration = splits.val.images[:args.calib_batches * args.batch_size]
@@ -131,6 +136,33 @@ def cmd_export(args: argparse.Namespace, argv: list[str]) -> int:
           f"{reference:,} bytes ({reference / size:.2f}x smaller)")
     if args.compress:
         print(_coding_summary(args.out, network))
+    return 0
+
+
+def _export_onnx(args: argparse.Namespace, config) -> int:
+    """``export --format onnx``: the model ``eval`` would quantize, as an ONNX file."""
+    from logquant.convert import describe, is_quantized, quantize_model
+    from logquant.data import load_splits
+    from logquant.onnx_export import export_onnx
+
+    if args.compress:
+        raise LogquantError("--compress applies to .lqz files only")
+    if not args.out.endswith(".onnx"):
+        raise LogquantError(f"--out {args.out}: the file name must end in .onnx")
+    splits = load_splits(args.data_dir, args.image_size)
+    model = cli._load_checked_model(args, splits, torch.device("cpu"))
+    if not is_quantized(model):
+        if config.is_float:
+            raise LogquantError("export needs formats: pass --weights and --acts (or --config)")
+        model = quantize_model(model, config, splits.val.batches(args.batch_size),
+                               num_batches=args.calib_batches)
+    elif not config.is_float:
+        raise LogquantError("the model was trained quantization-aware: it carries its "
+                            "formats; export it without format flags")
+    print(describe(model).summary())
+    export_onnx(model, splits.val.normalize(splits.val.images[:2]), args.out)
+    print(f"{args.out}: {Path(args.out).stat().st_size:,} bytes (ONNX; input: images "
+          f"normalized with mean {list(splits.val.mean)}, std {list(splits.val.std)})")
     return 0
 
 
