@@ -1,8 +1,12 @@
-"""FSR selection from data: ``max``, ``percentile`` and ``mse`` (search over integer FSRs)."""
+"""Where an FSR comes from: one registry of policies, each choosing the FSR of a format for
+data with given statistics (``max``, ``percentile``, ``mse``), shared by post-training
+quantization, training (whose running rules feed ``max``) and export.
+"""
 
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 
 import torch
 
@@ -65,30 +69,60 @@ class TensorStats:
         return self.min < 0
 
 
-def choose_fsr(stats: TensorStats, fmt: Format, method: str, percentile: float = 99.99) -> int:
-    """The FSR of ``fmt`` for data with these statistics, by ``method``."""
+FsrPolicy = Callable[["TensorStats", Format, float], int]  # (stats, format, percentile)
+FSR_POLICIES: dict[str, FsrPolicy] = {}
+
+
+def fsr_policy(name: str) -> Callable[[FsrPolicy], FsrPolicy]:
+    """Register an FSR policy under ``name`` (the value of weight_fsr / act_fsr)."""
+    def register(policy: FsrPolicy) -> FsrPolicy:
+        FSR_POLICIES[name] = policy
+        return policy
+    return register
+
+
+@fsr_policy("max")
+def _covering_max(stats: TensorStats, fmt: Format, percentile: float) -> int:
+    """The smallest FSR whose range covers max |x|: nothing saturates."""
+    return fsr_covering(stats.max_abs)
+
+
+@fsr_policy("percentile")
+def _covering_percentile(stats: TensorStats, fmt: Format, percentile: float) -> int:
+    """The smallest FSR covering the given percentile of |x| (outliers saturate)."""
+    sample = stats.sample
+    if sample.numel() == 0:
+        return fsr_covering(stats.max_abs)
+    magnitudes = sample.abs()
+    k = max(1, min(magnitudes.numel(), math.ceil(percentile / 100.0 * magnitudes.numel())))
+    return fsr_covering(float(magnitudes.kthvalue(k).values))
+
+
+@fsr_policy("mse")
+def _least_squared_error(stats: TensorStats, fmt: Format, percentile: float) -> int:
+    """The FSR (max's and the 8 below it, one above) whose quantization error is least."""
     fsr_max = fsr_covering(stats.max_abs)
-    if method == "max":
-        return fsr_max
     sample = stats.sample
     if sample.numel() == 0:
         return fsr_max
-    if method == "percentile":
-        magnitudes = sample.abs()
-        k = max(1, min(magnitudes.numel(), math.ceil(percentile / 100.0 * magnitudes.numel())))
-        return fsr_covering(float(magnitudes.kthvalue(k).values))
-    if method == "mse":
-        best, best_err = fsr_max, math.inf
-        sample64 = sample.double()  # errors summed in float64; quantized values are exact
-        for fsr in range(fsr_max + 1, fsr_max - MSE_SEARCH_BELOW - 1, -1):
-            if not FSR_MIN <= fsr <= FSR_MAX:
-                continue
-            quantized = fmt.with_fsr(fsr).quantize(sample).double()
-            err = float((quantized - sample64).square().sum())
-            if err < best_err:  # strict: ties keep the larger FSR (less clipping)
-                best, best_err = fsr, err
-        return best
-    raise ValueError(f"unknown FSR method {method!r}")
+    best, best_err = fsr_max, math.inf
+    sample64 = sample.double()  # errors summed in float64; quantized values are exact
+    for fsr in range(fsr_max + 1, fsr_max - MSE_SEARCH_BELOW - 1, -1):
+        if not FSR_MIN <= fsr <= FSR_MAX:
+            continue
+        quantized = fmt.with_fsr(fsr).quantize(sample).double()
+        err = float((quantized - sample64).square().sum())
+        if err < best_err:  # strict: ties keep the larger FSR (less clipping)
+            best, best_err = fsr, err
+    return best
+
+
+def choose_fsr(stats: TensorStats, fmt: Format, method: str, percentile: float = 99.99) -> int:
+    """The FSR of ``fmt`` for data with these statistics, by the policy called ``method``."""
+    policy = FSR_POLICIES.get(method)
+    if policy is None:
+        raise ValueError(f"unknown FSR method {method!r}; known: {', '.join(FSR_POLICIES)}")
+    return policy(stats, fmt, percentile)
 
 
 def stats_of(tensor: torch.Tensor) -> TensorStats:

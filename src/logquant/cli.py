@@ -12,6 +12,7 @@ from pathlib import Path
 
 import torch
 
+from logquant.config import FSR_METHODS
 from logquant.errors import LogquantError
 
 
@@ -122,7 +123,7 @@ def build_parser() -> argparse.ArgumentParser:
                        "an earlier run of the same command)")
         p.add_argument("--fsr-range", type=_fsr_range, default=None, metavar="LO:HI",
                        help="global activation FSRs to sweep (default: from calibration)")
-        p.add_argument("--fsr-method", choices=("max", "percentile", "mse"), default="mse",
+        p.add_argument("--fsr-method", choices=FSR_METHODS, default="mse",
                        help="per-layer FSR calibration for the calibrated points")
         p.add_argument("--act-bits", type=_bit_list, default=(3, 4, 5), metavar="3,4,5",
                        help="activation bit widths of the activation grids")
@@ -206,8 +207,6 @@ def _load_checked_model(args: argparse.Namespace, splits, device: torch.device):
 
 
 def _fsr_method_or_int(text: str) -> str | int:
-    from logquant.config import FSR_METHODS
-
     if text in FSR_METHODS:
         return text
     try:

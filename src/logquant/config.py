@@ -15,10 +15,11 @@ from fnmatch import fnmatchcase
 from pathlib import Path
 from typing import Any
 
+from logquant.calibrate import FSR_POLICIES
 from logquant.errors import LogquantError
 from logquant.formats import Format, FormatError, LinearFormat, LogFormat, parse_format
 
-FSR_METHODS = ("max", "percentile", "mse")
+FSR_METHODS = tuple(FSR_POLICIES)  # max, percentile, mse
 UNSUPPORTED_CHOICES = ("error", "float")
 
 

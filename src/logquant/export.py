@@ -154,14 +154,16 @@ def quantize_for_export(model: nn.Module, config: QuantConfig | None, images: to
     if config is not None and not config.is_float:
         raise LqzError("the model was trained quantization-aware: it carries its formats; "
                        "export it without format flags")
-    from logquant.calibrate import fsr_covering
+    from logquant.calibrate import choose_fsr, stats_of
 
     model = copy.deepcopy(model).eval()
     offset = fold_normalization(model, sample, mean, std)
     for module in model.modules():
         if isinstance(module, QuantizedLayer) and not module.weight_frozen:
-            if module.weight_quant.spec is not None and module.weight_quant.rule != "fixed":
-                module.weight_quant.set_fsr(fsr_covering(float(module.weight.detach().abs().max())))
+            quantizer = module.weight_quant
+            if quantizer.spec is not None and quantizer.rule != "fixed":  # training's rule
+                quantizer.set_fsr(choose_fsr(stats_of(module.weight.detach()), quantizer.spec,
+                                             "max"))
             if module.weight_quant.spec is not None:
                 module.freeze_weight()
     return model, offset

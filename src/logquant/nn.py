@@ -54,7 +54,15 @@ def fake_quantize(x: torch.Tensor, fmt: Format | None, clip: bool = False) -> to
     return fmt.quantize(x)
 
 
-FSR_RULES = ("fixed", "current_max", "running_max")
+# Training-time FSR rules: how the magnitude that the "max" policy covers is tracked over
+# steps, from (tracked so far, this batch's max|x|, momentum, already calibrated).
+FsrRule = Callable[[torch.Tensor, torch.Tensor, float, bool], torch.Tensor]
+FSR_RULES: dict[str, FsrRule | None] = {
+    "fixed": None,  # calibrated once (post-training, or a format with a fixed FSR)
+    "current_max": lambda tracked, batch, momentum, calibrated: batch,
+    "running_max": lambda tracked, batch, momentum, calibrated:
+        tracked * momentum + batch * (1 - momentum) if calibrated else batch,
+}
 
 
 class Quantizer(nn.Module):
@@ -76,7 +84,7 @@ class Quantizer(nn.Module):
                  rule: str = "fixed", momentum: float = 0.9):
         super().__init__()
         if rule not in FSR_RULES:
-            raise ValueError(f"rule must be one of {FSR_RULES}, got {rule!r}")
+            raise ValueError(f"rule must be one of {', '.join(FSR_RULES)}, got {rule!r}")
         self.spec = None if spec is None else spec.with_fsr(None)
         self.clip_ste, self.rule, self.momentum = clip_ste, rule, momentum
         fsr = spec.fsr if fsr is None and spec is not None else fsr
@@ -110,27 +118,27 @@ class Quantizer(nn.Module):
     @torch.no_grad()
     def start_from(self, max_abs: float, has_negative: bool) -> None:
         """Initialize the running statistics from calibration data."""
-        from logquant.calibrate import fsr_covering
-
         self.running_max.fill_(max_abs)
         if has_negative and self.spec.bits >= 2:
             self.signed.fill_(True)
-        self.set_fsr(fsr_covering(max_abs))
+        self._cover_running_max()
+
+    def _cover_running_max(self) -> None:
+        from logquant.calibrate import choose_fsr, stats_of
+
+        self.set_fsr(choose_fsr(stats_of(self.running_max), self.spec, "max"))
 
     @torch.no_grad()
     def _track(self, x: torch.Tensor) -> None:
         """Training-time FSR (and sign) update by ``rule``."""
-        from logquant.calibrate import fsr_covering
-
         if not bool(self.signed) and self.spec.bits >= 2 and bool(global_max(
                 (x.detach().amin() < 0).float().reshape(1))):
             self.signed.fill_(True)
         batch_max = global_max(x.detach().abs().amax().float().reshape(1))[0]
-        if self.rule == "running_max" and bool(self.calibrated):
-            self.running_max.mul_(self.momentum).add_(batch_max * (1 - self.momentum))
-        else:
-            self.running_max.copy_(batch_max)
-        self.set_fsr(fsr_covering(float(self.running_max)))
+        update = FSR_RULES[self.rule]
+        self.running_max.copy_(update(self.running_max, batch_max, self.momentum,
+                                      bool(self.calibrated)))
+        self._cover_running_max()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Quantize ``x`` (a new tensor; nothing is shared between calls or threads)."""
@@ -286,9 +294,10 @@ class QuantizedLayer:
         self.input_quant = Quantizer(None)
         self.error_quant = ErrorQuantizer(None)
         self.weight_frozen = False
-        # whether the conv/linear call receives the weight parameter itself; until a probe
-        # (convert.attach_quantizers) shows it, assume not: quantizing at each call is safe
-        self.uses_stored_weight = False
+        # whether the conv/linear call receives the weight parameter itself: known for the
+        # torch classes' own forwards; otherwise a probe (convert.attach_quantizers) tells
+        self.uses_stored_weight = ("weight" in self._parameters and any(
+            float_class(self).forward is cls.forward for cls in LAYER_KINDS))
         self.logquant_name = name or type(self).__name__
         self.logquant_observer = None
 
