@@ -1,6 +1,7 @@
 """Shared fixtures. Tests that need Fashion-MNIST fail (never skip) when it is missing."""
 
 import gzip
+import importlib
 import os
 import sys
 
@@ -9,6 +10,17 @@ import pytest
 sys.path.insert(0, os.path.dirname(__file__))  # tests import the reference codecs directly
 
 from logquant.data import FASHION_FILES, load_splits, resolve_data_dir  # noqa: E402
+
+
+def require(module: str):
+    """Import an optional test dependency: skipped without it locally, but a failure in CI
+    (environment variable CI set), where a missing extra must not pass silently."""
+    if not os.environ.get("CI"):
+        return pytest.importorskip(module)
+    try:
+        return importlib.import_module(module)
+    except ImportError as exc:
+        pytest.fail(f"{module} is required in CI (install the test extras): {exc}")
 
 
 @pytest.fixture(scope="session")

@@ -4,16 +4,20 @@ Every rounding decision is made on the float's bit pattern with integer comparis
 mantissa thresholds derived in exact integer arithmetic, so values next to the irrational
 boundaries 2^(k+1/2) (or 2^(k+1/4), ...) can never misround the way a float ``log2`` can.
 Large tensors go through a ``torch.compile``-fused kernel (one memory pass); small ones and
-``LOGQUANT_COMPILE=0`` use the identical eager code.
+``LOGQUANT_COMPILE=0`` use the identical eager code. Exporters (ONNX, torch.export,
+torch.jit.trace) cannot handle bit views, so while exporting ``quantize`` runs a portable
+kernel instead: a binary search over float thresholds derived from the bit kernel, with
+bit-identical results.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import math
 import re
-from collections.abc import Callable
-from functools import cached_property
+from collections.abc import Callable, Iterator
+from functools import cache, cached_property, partial
 from typing import Literal
 
 import torch
@@ -190,6 +194,97 @@ def _run(kernel: Callable, x: torch.Tensor, *args, out: torch.Tensor | None = No
 
 
 # ----------------------------------------------------------------------------------------
+# Portable kernel: no bit views, so that ONNX and torch.export can trace it
+
+
+_torch_exporting = getattr(torch.compiler, "is_exporting", lambda: False)  # torch >= 2.6
+
+
+def is_exporting() -> bool:
+    """True while torch.export, an ONNX exporter or torch.jit.trace is tracing."""
+    return _torch_exporting() or torch.onnx.is_in_onnx_export() or torch.jit.is_tracing()
+
+
+def _portable_kernel(x: torch.Tensor, thresholds: tuple[float, ...],
+                     table: tuple[float, ...]) -> torch.Tensor:
+    """Quantize by table lookup: index i = how many ``thresholds`` |x| reaches, found by a
+    branch-free binary search (2^k thresholds, ascending, entry 0 unused, +inf padded);
+    ``table`` holds the results for x >= 0 in its first 2^k entries, for x < 0 after them."""
+    size = len(thresholds)
+    thr = torch.tensor(thresholds, dtype=x.dtype, device=x.device)
+    a = x.abs().reshape(-1)  # 1-D for index_select: CPU advanced indexing is ~1000x slower
+    index = torch.zeros_like(a, dtype=torch.int64)
+    step = size // 2
+    while step:
+        index = torch.where(a >= thr.index_select(0, index + step), index + step, index)
+        step //= 2
+    index = torch.where(x.reshape(-1) < 0, index + size, index)
+    out = torch.tensor(table, dtype=x.dtype, device=x.device).index_select(0, index)
+    return torch.where(torch.isnan(a), a, out).reshape(x.shape)  # NaN stays NaN, sign cleared
+
+
+@contextlib.contextmanager
+def _real_tensors() -> Iterator[None]:
+    """Run eagerly on real tensors even inside an exporter's trace (fake tensors, proxy
+    modes, the jit tracer), so that tables derived there are plain Python constants."""
+    state = torch._C._get_tracing_state()
+    torch._C._set_tracing_state(None)
+    try:
+        with torch.utils._python_dispatch._disable_current_modes():
+            yield
+    finally:
+        torch._C._set_tracing_state(state)
+
+
+def _first_reaching(quantize: Callable, targets: torch.Tensor) -> torch.Tensor:
+    """Bit patterns of the smallest non-negative floats x (of targets' dtype) with
+    quantize(x) >= target: bisection over bit patterns, exact since quantize is monotone."""
+    lay = F64 if targets.dtype == torch.float64 else F32
+    lo = torch.zeros_like(targets, dtype=torch.int64)
+    hi = torch.full_like(lo, lay.bits(lay.bias + 1))  # +inf
+    while bool((lo < hi).any()):
+        mid = lo + (hi - lo) // 2
+        reached = quantize(mid.to(lay.int_dtype).view(lay.float_dtype)) >= targets
+        hi, lo = torch.where(reached, mid, hi), torch.where(reached, lo, mid + 1)
+    return lo.to(lay.int_dtype)
+
+
+def _portable_tables(fmt: Format, dtype: torch.dtype) -> tuple[tuple[float, ...], ...]:
+    """The cached tables; dynamo (strict torch.export) calls this and takes the result as a
+    constant instead of tracing the derivation."""
+    return _derive_portable_tables(fmt, dtype)
+
+
+# what torch.compiler.assume_constant_result does, without importing torch._dynamo (3 s)
+_portable_tables._dynamo_marked_constant = True
+
+
+@cache
+def _derive_portable_tables(fmt: Format, dtype: torch.dtype) -> tuple[tuple[float, ...], ...]:
+    """(thresholds, table) for ``_portable_kernel``, taken from the bit kernel itself: each
+    threshold is the smallest float of ``dtype`` reaching the next output value, each table
+    entry the bit kernel's output there (and at its negation), so both kernels agree."""
+    with _real_tensors():
+        quantize = partial(fmt._apply, encode=False)
+        probes = torch.tensor([*fmt.magnitudes(), math.inf], dtype=torch.float64).to(dtype)
+        values = set(quantize(probes).tolist()) - {0.0}
+        while True:  # add output values until none lies between two found thresholds
+            first = _first_reaching(quantize, torch.tensor(sorted(values), dtype=dtype))
+            found = torch.cat([quantize(first.view(dtype)), quantize((first - 1).view(dtype))])
+            new = set(found.tolist()) - values - {0.0}
+            if not new:
+                break
+            values |= new
+        size = 1 << len(values).bit_length()  # room for zero plus one entry per value
+        thresholds = torch.cat([first.new_zeros(1), first]).view(dtype)
+        padding = size - thresholds.numel()
+        table = [torch.cat([q, q[-1:].expand(padding)])
+                 for q in (quantize(thresholds), quantize(-thresholds))]
+        thresholds = torch.cat([thresholds, thresholds.new_full((padding,), math.inf)])
+        return tuple(thresholds.tolist()), tuple(torch.cat(table).tolist())
+
+
+# ----------------------------------------------------------------------------------------
 # The formats
 
 
@@ -301,10 +396,22 @@ class _Format:
                                 or not out.is_contiguous()):
             raise FormatError(f"{self.name}: out must be contiguous with shape "
                               f"{tuple(x.shape)} and dtype {x.dtype}")
+        if is_exporting():
+            result = self.quantize_portable(x)
+            return result if out is None else out.copy_(result)
         if x.dtype in (torch.float32, torch.float64):
             return self._apply(x, encode=False, out=out)
         result = self._apply(x.float(), encode=False).to(x.dtype)
         return result if out is None else out.copy_(result)
+
+    def quantize_portable(self, x: torch.Tensor) -> torch.Tensor:
+        """``quantize`` bit for bit (NaN gives NaN, as |x|), built only from comparisons,
+        ``where`` and table lookups: the kernel ``quantize`` uses while exporting to ONNX or
+        torch.export, which cannot trace the bit views of the faster bit-pattern kernel."""
+        x = _as_float(x, self.name)
+        work = x if x.dtype in (torch.float32, torch.float64) else x.float()
+        thresholds, table = _portable_tables(self, work.dtype)
+        return _portable_kernel(work, thresholds, table).to(x.dtype)
 
     def _apply(self, x: torch.Tensor, encode: bool,
                out: torch.Tensor | None = None) -> torch.Tensor:
