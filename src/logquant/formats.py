@@ -17,7 +17,7 @@ import dataclasses
 import math
 import re
 from collections.abc import Callable, Iterator
-from functools import cache, cached_property, partial
+from functools import cache, partial
 from typing import Literal
 
 import torch
@@ -353,7 +353,7 @@ class _Format:
         values = sorted(set(mags) | ({-v for v in mags} if self.signed else set()))
         return torch.tensor(values, dtype=torch.float64)
 
-    @cached_property
+    @property
     def max_value(self) -> float:
         """The largest representable magnitude (the STE's saturation point)."""
         return self.magnitudes()[-1]
@@ -445,6 +445,10 @@ class LogFormat(_Format):
             raise FormatError(f"LogFormat: rounding must be 'log' or 'linear', "
                               f"got {self.rounding!r}")
         super().__post_init__()
+        # kernel constants, computed once here rather than lazily: a lazy cached_property
+        # takes a lock that torch.compile / torch.export cannot trace (a graph break)
+        object.__setattr__(self, "_params", None if self.fsr is None else {
+            lay: self._layout_params(lay) for lay in (F32, F64)})
 
     @property
     def name(self) -> str:
@@ -470,10 +474,6 @@ class LogFormat(_Format):
             octave, odd = divmod(h, spo)
             mags.append(math.ldexp(_SQRT2_F64 if odd else 1.0, octave))
         return mags
-
-    @cached_property
-    def _params(self) -> dict[_Layout, torch.Tensor | None]:
-        return {lay: self._layout_params(lay) for lay in (F32, F64)}
 
     def _layout_params(self, lay: _Layout) -> torch.Tensor | None:
         """Kernel constants for one float layout, or None if its normal range is too small."""
@@ -512,6 +512,7 @@ class LogFormat(_Format):
     def kernel(self, dtype: torch.dtype = torch.float64) -> tuple[Callable, torch.Tensor]:
         """(fn, params) with ``fn(x, params, signed, encode)`` this format's exact
         elementwise kernel for ``x`` of ``dtype``: for fusing into larger compiled code."""
+        self._fixed_fsr()
         params = self._params[F64 if dtype == torch.float64 else F32]
         if params is None or dtype not in (torch.float32, torch.float64):
             raise FormatError(f"{self.name}: no {dtype} kernel for these levels")
