@@ -1,4 +1,4 @@
-"""Exact log and linear number formats (DESIGN.md section 1; Miyashita et al. 2016).
+"""Exact log and linear number formats (docs/FORMATS.md section 1; Miyashita et al. 2016).
 
 Every rounding decision is made on the float's bit pattern with integer comparisons against
 mantissa thresholds derived in exact integer arithmetic, so values next to the irrational
@@ -295,7 +295,8 @@ class _Format:
         """Values of integer ``codes`` (sign bit at bit ``bits-1`` for signed formats).
 
         Each value is the ``dtype`` number nearest the exact level; levels below the dtype's
-        range (only 8-bit log formats reach below 2^-149) decode to 0 in that dtype.
+        range decode to 0 in that dtype (in float32: log8, and log7 / log8s / logsqrt2-8 at
+        FSR -23 and below; docs/FORMATS.md section 3).
         """
         if codes.is_floating_point() or codes.is_complex():
             raise FormatError(f"{self.name}: decode needs integer codes, got {codes.dtype}")
