@@ -1,7 +1,7 @@
 """A slow, independent reference for the number formats: exact decimal arithmetic, per scalar.
 
 It shares no code with logquant.formats: levels and decision boundaries are computed from
-DESIGN.md section 1 directly (geometric means for log rounding, arithmetic means for linear
+docs/FORMATS.md section 1 directly (geometric means for log rounding, arithmetic means for linear
 rounding) with 1200 significant digits (every power of two exact), and each input is
 located by bisection.
 """

@@ -14,7 +14,6 @@ from logquant.engine import literal
 from logquant.engine.arith import (
     code_table,
     encode_accumulator,
-    grid_exponent,
     linear_code_of_integer,
     log2_code_of_integer,
     shift_product,
@@ -121,7 +120,7 @@ def test_every_product_of_two_codes_is_exact(w_spec, x_spec):
     odd = torch.zeros_like(even) if odd is None else odd
     with localcontext() as ctx:
         ctx.prec = PREC
-        scale = Decimal(2) ** (grid_exponent(x_fmt) + grid_exponent(w_fmt))
+        scale = Decimal(2) ** (x_fmt.lsb + w_fmt.lsb)
         root2 = Decimal(2).sqrt()
         for (xc, wc), e, o in zip(pairs, even.tolist(), odd.tolist()):
             exact = _level(x_ref, xc) * _level(w_ref, wc)

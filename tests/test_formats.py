@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from decimal import Decimal, localcontext
 
 import numpy as np
 import pytest
@@ -12,7 +13,7 @@ from hypothesis import strategies as st
 
 from logquant import formats
 from logquant.formats import FormatError, LinearFormat, LogFormat, parse_format
-from reference_formats import RefFormat
+from reference_formats import PREC, RefFormat, _sqrt2
 
 KINDS = {  # name -> (constructor, reference kind, rounding)
     "log2": (lambda b, f, s: LogFormat(b, f, signed=s), "log2", "log"),
@@ -288,3 +289,55 @@ def test_quantize_into_out_buffer(spec, numel):
     assert torch.equal(out, fmt.quantize(x))
     with pytest.raises(FormatError, match="out must be"):
         fmt.quantize(x, out=torch.empty(3))
+
+
+# ----------------------------------------------------------------------------------------
+# What a format says about itself: family, integer grid (callers ask these, never the name)
+
+
+@pytest.mark.parametrize("kind", list(KINDS))
+@pytest.mark.parametrize("bits, signed", BITS_AND_SIGN)
+def test_family_grid_and_integer_view_match_the_reference(kind, bits, signed):
+    for fsr in (-64, -3, 0, 5, 64):
+        fmt, ref = make(kind, bits, fsr, signed)
+        assert fmt.family == ref.kind and fmt.family in formats.FAMILIES
+        assert fmt.is_log == (ref.kind != "linear")
+        assert parse_format(fmt.name).family == fmt.family
+        ints, odd = fmt.integer_magnitudes()
+        assert len(ints) == len(odd) == 2**fmt.magnitude_bits == len(ref.mags)
+        assert ints[0] == 0 and not odd[0] and ints[1] == 1  # 2^lsb: the smallest level's grid
+        assert all(type(n) is int for n in ints) and ints == sorted(ints)
+        assert any(odd) == (fmt.family == "logsqrt2"  # odd half-octaves: sqrt2 * 2^k
+                            and (len(ints) > 2 or fmt.min_level_index % 2 == 1))
+        with localcontext() as ctx:
+            ctx.prec = PREC
+            unit = Decimal(2) ** fmt.lsb
+            exact = [n * unit * (_sqrt2() if o else 1) for n, o in zip(ints, odd)]
+        assert exact == ref.mags, fmt.name
+        if fmt.is_log:
+            spo = fmt.steps_per_octave
+            assert fmt.max_level_index - fmt.min_level_index == 2**fmt.magnitude_bits - 2
+            assert fmt.max_level_index == spo * fsr - 1  # the top level is just below 2^fsr
+            assert fmt.lsb == fmt.min_level_index // spo
+
+
+def test_grid_needs_an_fsr():
+    for spec in ("log3", "logsqrt2-4s", "lin4"):
+        fmt = parse_format(spec)
+        assert fmt.family == formats.family_format(fmt.family, 3).family  # no FSR needed
+        with pytest.raises(FormatError, match="no FSR"):
+            fmt.lsb  # noqa: B018
+        with pytest.raises(FormatError, match="no FSR"):
+            fmt.integer_magnitudes()
+
+
+@pytest.mark.parametrize("family", formats.FAMILIES)
+@pytest.mark.parametrize("bits, signed", BITS_AND_SIGN)
+def test_family_format_is_the_inverse_of_family(family, bits, signed):
+    for fsr in (None, -2, 3):
+        fmt = formats.family_format(family, bits, fsr, signed=signed)
+        assert (fmt.family, fmt.bits, fmt.fsr, fmt.signed) == (family, bits, fsr, signed)
+        assert parse_format(fmt.name) == fmt
+        assert "linround" not in fmt.name  # the default rounding
+    with pytest.raises(FormatError, match="unknown format family 'lin'"):
+        formats.family_format("lin", 3)

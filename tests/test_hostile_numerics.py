@@ -5,7 +5,7 @@ error, never a silent wrong number.
 |---|---|
 | NaN / inf in weights or buffers | LogquantError naming the tensor (PTQ, QAT, export, CLI) |
 | all-zero layer | zero codes; the engine equals the float64 simulation |
-| subnormal values | exact per DESIGN.md (vs the decimal reference); a layer of them
+| subnormal values | exact per docs/FORMATS.md (vs the decimal reference); a layer of them
   quantizes to zero with a QuantizationWarning, and export refuses the accumulator width |
 | one huge outlier | FSR covers it (max) and the rest vanish: QuantizationWarning; a fixed
   FSR saturates the outlier to the largest level |

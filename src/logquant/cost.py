@@ -17,7 +17,7 @@ import math
 from typing import Any
 
 from logquant.engine.plan import LayerPlan, Plan, plan
-from logquant.formats import Format, LinearFormat
+from logquant.formats import Format
 from logquant.lqz import LqzModel
 
 ENERGY_SOURCE = ("M. Horowitz, Computing's energy problem (and what we can do about it), "
@@ -53,8 +53,8 @@ def op_cost(name: str, kind: str, w_fmt: Format, x_fmt: Format | None, fan_in: i
     """Counts and energies per image (pJ) of one conv/linear layer from its formats and
     sizes; ``x_fmt`` None means 8-bit integer pixels (the first layer)."""
     macs = outputs * fan_in
-    log_w = not isinstance(w_fmt, LinearFormat)
-    log_x = x_fmt is not None and not isinstance(x_fmt, LinearFormat)
+    log_w = w_fmt.is_log
+    log_x = x_fmt is not None and x_fmt.is_log
     input_bits = 8 if x_fmt is None else x_fmt.bits
     exp_adder = max(w_fmt.magnitude_bits, x_fmt.magnitude_bits) + 1 if log_w and log_x else 0
     if log_w and log_x:

@@ -10,7 +10,7 @@ import torch
 from logquant.config import QuantConfig
 from logquant.convert import PreparedModel
 from logquant.data import Splits
-from logquant.formats import parse_format
+from logquant.formats import family_format
 from logquant.io import write_text_atomic
 from logquant.plots import accuracy_vs_fsr, histograms, weights_bars
 from logquant.report import headline, render, summarize, verdicts
@@ -35,10 +35,11 @@ def _histogram_panels(prepared: PreparedModel, summary, act_bits: tuple[int, ...
     panels = []
     for name in convs[1:2] + fcs[:1]:
         act_formats = []
-        for base, stem in (("log2", f"log{min(act_bits)}"), ("linear", f"lin{min(act_bits)}")):
-            entry = summary.acts.get(("conv+fc", base, min(act_bits))) or {}
+        for family in ("log2", "linear"):
+            fmt = family_format(family, min(act_bits))
+            entry = summary.acts.get(("conv+fc", family, fmt.bits)) or {}
             if "fsr" in entry:
-                act_formats.append(parse_format(f"{stem}@fsr{entry['fsr']}"))
+                act_formats.append(fmt.with_fsr(entry["fsr"]))
         panels.append((f"inputs of {name}", prepared.act_stats[name].sample, act_formats))
         weight_formats = []
         for stem in ("logsqrt2-5", "log5", "lin5"):

@@ -29,7 +29,6 @@ from torch import fx, nn
 
 from logquant.config import QuantConfig
 from logquant.convert import PreparedModel, check_finite
-from logquant.engine.arith import grid_exponent
 from logquant.fold import fold_batchnorm
 from logquant.lqz import MAGIC, VERSION, LqzError, LqzModel
 from logquant.nn import QuantizedLayer, float_class
@@ -322,7 +321,7 @@ def _layer_ops(node: fx.Node, layer: nn.Module, src: str, network_input: str,
         ops.append({"op": "quantize", "in": src, "out": f"{node.name}_q",
                     "format": x_fmt.name})
         src = f"{node.name}_q"
-    exponent = (0 if x_fmt is None else grid_exponent(x_fmt)) + grid_exponent(w_fmt)
+    exponent = (0 if x_fmt is None else x_fmt.lsb) + w_fmt.lsb
     weights[f"{name}.weight"] = w_fmt.encode(layer.quantized_weight().detach(),
                                              name=f"{name}.weight")
     op = {"op": kind, "in": src, "out": node.name, "name": name,

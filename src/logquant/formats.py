@@ -1,4 +1,4 @@
-"""Exact log and linear number formats (DESIGN.md section 1; Miyashita et al. 2016).
+"""Exact log and linear number formats (docs/FORMATS.md section 1; Miyashita et al. 2016).
 
 Every rounding decision is made on the float's bit pattern with integer comparisons against
 mantissa thresholds derived in exact integer arithmetic, so values next to the irrational
@@ -327,6 +327,28 @@ class _Format:
     def num_codes(self) -> int:
         return 1 << self.bits
 
+    @property
+    def family(self) -> str:
+        """One of FAMILIES ("linear", "log2", "logsqrt2"): the kind of levels, rounding and
+        sign aside; sweep rows, reports and plots group formats by it."""
+        raise NotImplementedError
+
+    @property
+    def is_log(self) -> bool:
+        """Whether the nonzero levels are powers of 2 (or of sqrt2), so products are shifts."""
+        return self.family != "linear"
+
+    @property
+    def lsb(self) -> int:
+        """Exponent of the levels' integer grid: every magnitude is an integer times 2^lsb
+        (times sqrt2 for odd half-octave levels); the engine computes on this grid."""
+        raise NotImplementedError
+
+    def integer_magnitudes(self) -> tuple[list[int], list[bool]]:
+        """(n, odd), one entry per magnitude code, code 0 (zero) first: magnitude c is
+        n[c] * 2^lsb, times sqrt2 where odd[c]. The engine's integer view; needs an FSR."""
+        raise NotImplementedError
+
     def with_fsr(self, fsr: int | None):
         return dataclasses.replace(self, fsr=fsr)
 
@@ -368,7 +390,8 @@ class _Format:
         """Values of integer ``codes`` (sign bit at bit ``bits-1`` for signed formats).
 
         Each value is the ``dtype`` number nearest the exact level; levels below the dtype's
-        range (only 8-bit log formats reach below 2^-149) decode to 0 in that dtype.
+        range decode to 0 in that dtype (in float32: log8, and log7 / log8s / logsqrt2-8 at
+        FSR -23 and below; docs/FORMATS.md section 3).
         """
         if codes.is_floating_point() or codes.is_complex():
             raise FormatError(f"{self.name}: decode needs integer codes, got {codes.dtype}")
@@ -467,6 +490,29 @@ class LogFormat(_Format):
         """Exponent of the smallest level in units of 1/steps_per_octave octaves."""
         return self.steps_per_octave * self._fixed_fsr() - (1 << self.magnitude_bits) + 1
 
+    @property
+    def max_level_index(self) -> int:
+        """Exponent of the largest level in units of 1/steps_per_octave octaves (emax for
+        base 2, hmax for base sqrt2): the level just below 2^fsr."""
+        return self.steps_per_octave * self._fixed_fsr() - 1
+
+    @property
+    def family(self) -> str:
+        return "logsqrt2" if self.base == "sqrt2" else "log2"
+
+    @property
+    def lsb(self) -> int:
+        """emin for base 2; floor(hmin / 2) for base sqrt2 (odd levels carry the sqrt2)."""
+        return self.min_level_index // self.steps_per_octave
+
+    def integer_magnitudes(self) -> tuple[list[int], list[bool]]:
+        ints, odd = [0], [False]
+        for h in range(self.min_level_index, self.max_level_index + 1):
+            octave, parity = divmod(h, self.steps_per_octave)
+            ints.append(1 << (octave - self.lsb))
+            odd.append(parity == 1)
+        return ints, odd
+
     def magnitudes(self) -> list[float]:
         lo, spo = self.min_level_index, self.steps_per_octave
         mags = [0.0]
@@ -546,6 +592,20 @@ class LinearFormat(_Format):
     def step(self) -> float:
         return math.ldexp(1.0, self._fixed_fsr() - self.magnitude_bits)
 
+    @property
+    def family(self) -> str:
+        return "linear"
+
+    @property
+    def lsb(self) -> int:
+        """fsr - m: the step is 2^lsb."""
+        return self._fixed_fsr() - self.magnitude_bits
+
+    def integer_magnitudes(self) -> tuple[list[int], list[bool]]:
+        self._fixed_fsr()  # as for log formats: the integers mean nothing without 2^lsb
+        count = 1 << self.magnitude_bits
+        return list(range(count)), [False] * count
+
     def magnitudes(self) -> list[float]:
         return [k * self.step for k in range(1 << self.magnitude_bits)]
 
@@ -563,6 +623,19 @@ class LinearFormat(_Format):
 
 
 Format = LogFormat | LinearFormat
+FAMILIES = ("linear", "log2", "logsqrt2")  # the values of ``Format.family``, in table order
+
+
+def family_format(family: str, bits: int, fsr: int | None = None, *,
+                  signed: bool = False) -> Format:
+    """The format of ``family`` (one of FAMILIES) with log rounding: the inverse of
+    ``fmt.family``, for grids that range over families without spelling names."""
+    if family == "linear":
+        return LinearFormat(bits, fsr, signed=signed)
+    if family in ("log2", "logsqrt2"):
+        return LogFormat(bits, fsr, signed=signed, base="sqrt2" if family == "logsqrt2" else "2")
+    raise FormatError(f"unknown format family {family!r}; expected one of "
+                      f"{', '.join(FAMILIES)}")
 
 # ----------------------------------------------------------------------------------------
 # String forms: log3, log5s, logsqrt2-5s, lin4, log4-linround, with optional @fsrN

@@ -68,8 +68,8 @@ FSR_RULES: dict[str, FsrRule | None] = {
 class Quantizer(nn.Module):
     """Applies one format; its FSR (and sign) live in buffers, so they travel with state_dict.
 
-    ``spec`` is the format family (bits, sign, base, rounding); the ``fsr`` buffer picks the
-    member. A quantizer whose spec is None is the identity. In training mode the FSR follows
+    ``spec`` is the format without its FSR (bits, sign, base, rounding); the ``fsr`` buffer sets
+    it. A quantizer whose spec is None is the identity. In training mode the FSR follows
     a rule: ``fixed`` (calibrated once), ``current_max`` (each step, the smallest FSR with
     max|x| < 2^FSR; used for weights) or ``running_max`` (the same on an exponential moving
     average of the per-step max|x|, ``momentum`` 0.9; used for activations). An unsigned spec

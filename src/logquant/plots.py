@@ -14,7 +14,7 @@ import torch  # noqa: E402
 from logquant.formats import Format  # noqa: E402
 from logquant.io import atomic_path  # noqa: E402
 
-BASE_STYLE = {  # base -> (label, colour, line style)
+BASE_STYLE = {  # format family (the sweep's base column) -> (label, colour, line style)
     "linear": ("linear (fixed point)", "tab:red", "-"),
     "log2": ("log base 2", "tab:blue", "-"),
     "logsqrt2": ("log base sqrt2", "tab:green", "--"),

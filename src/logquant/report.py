@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import dataclasses
 
-from logquant.formats import parse_format
+from logquant.formats import FAMILIES, parse_format
 
-BASES = ("linear", "log2", "logsqrt2")
+BASES = FAMILIES  # the sweep's base column holds each format's family
 NEAR_PEAK = 1.0  # points: an FSR is "good" when within this of its curve's best (claim 2)
 SMALL_LOSS = 1.0  # points: "loses little" (claim 1)
 MUCH_MORE = 1.0  # points: linear "loses much more" when its loss exceeds log's by this

@@ -37,11 +37,11 @@ from logquant.data import ImageDataset
 from logquant.engine.plan import MAX_ACC_BITS, accumulator_bits
 from logquant.errors import LogquantError
 from logquant.evaluate import evaluate
-from logquant.formats import Format
+from logquant.formats import FAMILIES, Format, family_format
 
 OBJECTIVES = ("energy", "bits")
 START = "lin8"
-WEIGHT_STEMS, ACT_STEMS, BITS = ("lin", "log", "logsqrt2-"), ("lin", "log"), range(2, 9)
+WEIGHT_FAMILIES, ACT_FAMILIES, BITS = FAMILIES, ("linear", "log2"), range(2, 9)
 ACC_HEADROOM = 2  # bits kept free for the bias in the engine's accumulators
 
 
@@ -167,8 +167,9 @@ class Search:
 
 
 def candidates(part: str, bits=BITS) -> list[str]:
-    stems = WEIGHT_STEMS if part == "weights" else ACT_STEMS
-    return [f"{stem}{b}" for stem in stems for b in bits]
+    """The format names a slot may take: every family of the part, every bit width."""
+    families = WEIGHT_FAMILIES if part == "weights" else ACT_FAMILIES
+    return [family_format(family, b).name for family in families for b in bits]
 
 
 def run_search(search: Search, budget: float, float_val_top1: float, *,

@@ -15,7 +15,6 @@ import dataclasses
 import torch
 import torch.nn.functional as F
 
-from logquant.engine.arith import grid_exponent
 from logquant.formats import parse_format
 from logquant.lqz import LqzModel
 
@@ -50,7 +49,7 @@ def simulate(model: LqzModel, images: torch.Tensor) -> SimulationResult:
             x_fmt = formats.get(op["in"])
             bias = None
             if op["bias"] is not None:
-                exponent = grid_exponent(w_fmt) + (0 if x_fmt is None else grid_exponent(x_fmt))
+                exponent = w_fmt.lsb + (0 if x_fmt is None else x_fmt.lsb)
                 bias = model.biases[op["bias"]].double() * 2.0**exponent
             if kind == "linear":
                 env[out] = F.linear(x, weight, bias)

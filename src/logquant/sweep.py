@@ -28,7 +28,7 @@ from logquant.data import ImageDataset, Splits
 from logquant.distributed import broadcast_object, gather_lists, init_distributed
 from logquant.errors import LogquantError
 from logquant.evaluate import evaluate
-from logquant.formats import parse_format
+from logquant.formats import FAMILIES, family_format, parse_format
 from logquant.io import check_output_path, write_json_atomic, write_text_atomic
 
 SWEEP_VERSION = 2  # 2: no wall-clock column, so equal sweeps give identical files
@@ -36,7 +36,6 @@ ROWS_FILE = "sweep.csv"
 MANIFEST_FILE = "manifest.json"
 COLUMNS = ("id", "group", "scope", "quantized", "base", "bits", "conv_weights", "fc_weights",
            "acts", "fsr", "fsr_method", "split", "images", "top1", "top5")
-KINDS = {"lin": "linear", "log": "log2", "logsqrt2-": "logsqrt2"}
 
 
 class SweepError(LogquantError):
@@ -69,9 +68,7 @@ class Point:
         if fmt is None:
             base, bits, fsr = "float", "", ""
         else:
-            base = "linear" if fmt.name.startswith("lin") else (
-                "logsqrt2" if fmt.name.startswith("logsqrt2") else "log2")
-            bits, fsr = fmt.bits, "" if fmt.fsr is None else fmt.fsr
+            base, bits, fsr = fmt.family, fmt.bits, "" if fmt.fsr is None else fmt.fsr
         quantized = {"float": "nothing", "acts-global": "activations",
                      "acts-calibrated": "activations", "weights": "weights",
                      "weights+acts": "weights+activations"}[self.group]
@@ -102,17 +99,18 @@ def paper_grid(fsr_range: tuple[int, int], method: str = "mse",
     act_bits = tuple(act_bits)
     points = [Point("float", "conv+fc")]
     for scope in ("conv", "conv+fc"):
-        for stem in KINDS:
+        for family in FAMILIES:
             for bits in act_bits:
+                fmt = family_format(family, bits)
                 for fsr in range(lo, hi + 1):
-                    points.append(Point("acts-global", scope, acts=f"{stem}{bits}@fsr{fsr}",
+                    points.append(Point("acts-global", scope, acts=fmt.with_fsr(fsr).name,
                                         method=method))
-                points.append(Point("acts-calibrated", scope, acts=f"{stem}{bits}",
-                                    method=method))
+                points.append(Point("acts-calibrated", scope, acts=fmt.name, method=method))
     for conv_bits, fc_bits in ((5, 4), (3, 3), (4, 4), (5, 5), (6, 6)):
-        for stem in KINDS:
-            points.append(Point("weights", "conv+fc", conv_weights=f"{stem}{conv_bits}",
-                                fc_weights=f"{stem}{fc_bits}", method=method))
+        for family in FAMILIES:
+            points.append(Point("weights", "conv+fc",
+                                conv_weights=family_format(family, conv_bits).name,
+                                fc_weights=family_format(family, fc_bits).name, method=method))
     for weights, acts in (("logsqrt2-5", "log4"), ("logsqrt2-4", "log3"), ("log4", "log3"),
                           ("logsqrt2-4", "logsqrt2-3"), ("lin4", "lin3"), ("lin8", "lin8")):
         points.append(Point("weights+acts", "conv+fc", conv_weights=weights,

@@ -22,17 +22,9 @@ from logquant.formats import Format, LinearFormat, LogFormat
 ACC_LIMIT = 1 << 62  # |accumulator| < 2^62 in the engine (int64 with headroom)
 
 
-def grid_exponent(fmt: Format) -> int:
-    """lsb: codes of ``fmt`` are integers (even parts, for base sqrt2) times 2^lsb."""
-    if isinstance(fmt, LinearFormat):
-        return fmt.fsr - fmt.magnitude_bits
-    if fmt.base == "sqrt2":
-        return fmt.min_level_index // 2
-    return fmt.min_level_index
-
-
 def is_sqrt2(fmt: Format | None) -> bool:
-    return isinstance(fmt, LogFormat) and fmt.base == "sqrt2"
+    """Whether codes of ``fmt`` (None: pixels) carry sqrt2 parts (odd half-octave levels)."""
+    return fmt is not None and fmt.family == "logsqrt2"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -54,25 +46,13 @@ class CodeTable:
 @functools.cache
 def code_table(fmt: Format) -> CodeTable:
     m = fmt.magnitude_bits
-    lsb = grid_exponent(fmt)
-    mags, odd = [0], [False]
-    for c in range(1, 1 << m):
-        if isinstance(fmt, LinearFormat):
-            mags.append(c)
-            odd.append(False)
-        elif fmt.base == "sqrt2":
-            octave, parity = divmod(fmt.min_level_index + c - 1, 2)
-            mags.append(1 << (octave - lsb))
-            odd.append(bool(parity))
-        else:
-            mags.append(1 << (c - 1))
-            odd.append(False)
+    mags, odd = fmt.integer_magnitudes()
     ints, keys = list(mags), list(range(1 << m))
     if fmt.signed:  # code 2^m is "negative zero": never produced, decodes to 0
         ints += [0] + [-v for v in mags[1:]]
         keys += [0] + [-c for c in range(1, 1 << m)]
         odd += odd
-    return CodeTable(fmt, lsb, ints, odd, keys)
+    return CodeTable(fmt, fmt.lsb, ints, odd, keys)
 
 
 # ----------------------------------------------------------------------------------------
@@ -104,8 +84,8 @@ def _at_least_sqrt2_form(a: Fraction, alpha: Fraction, beta: Fraction) -> bool:
 
 def _boundary(fmt: Format, c: int) -> Callable[[Fraction], bool]:
     """Predicate value >= the boundary between magnitude codes c-1 and c (ties go up)."""
-    if isinstance(fmt, LinearFormat):
-        edge = Fraction(2 * c - 1, 2) * Fraction(2) ** grid_exponent(fmt)
+    if not fmt.is_log:
+        edge = Fraction(2 * c - 1, 2) * Fraction(2) ** fmt.lsb
         return lambda v: v >= edge
     spo = fmt.steps_per_octave
     h = fmt.min_level_index + c - 1  # level c is 2^(h / spo)
@@ -179,12 +159,12 @@ def log2_code_of_integer(a: int, exponent: int, fmt: LogFormat) -> int:
         r = emin
     if r < emin:
         return 0
-    return min(r, fmt.fsr - 1) - emin + 1
+    return min(r, fmt.max_level_index) - emin + 1
 
 
 def linear_code_of_integer(a: int, exponent: int, fmt: LinearFormat) -> int:
     """Linear magnitude code of a * 2^exponent (a >= 0): a shift, round half up, saturate."""
-    shift = grid_exponent(fmt) - exponent
+    shift = fmt.lsb - exponent
     k = a << -shift if shift <= 0 else (a + (1 << (shift - 1))) >> shift
     return min(k, (1 << fmt.magnitude_bits) - 1)
 

@@ -11,7 +11,7 @@ import torch
 
 from logquant.engine.arith import CodeTable, code_table, sqrt2_ceiling
 from logquant.engine.plan import LayerPlan
-from logquant.formats import Format, LinearFormat, LogFormat
+from logquant.formats import Format
 
 
 @functools.cache
@@ -30,7 +30,7 @@ def _operand(table: CodeTable | None, x: torch.Tensor):
         return ("int", x.long())
     ints, sign, exps, odd, zero = _fields(table.fmt)
     idx = x.long()
-    if isinstance(table.fmt, LinearFormat):
+    if not table.fmt.is_log:
         return ("int", ints[idx])
     return ("shift", sign[idx], exps[idx], odd[idx], zero[idx])
 
@@ -105,7 +105,7 @@ def encode(acc: torch.Tensor, fmt: Format, exponent: int, denominator: int,
     """Codes of accumulators the way the hardware forms them (see module docstring)."""
     mag_acc = acc.abs()
     m = fmt.magnitude_bits
-    if denominator == 1 and isinstance(fmt, LogFormat) and fmt.base == "2":
+    if denominator == 1 and fmt.family == "log2":
         n = leading_one(mag_acc.clamp_min(1))
         if fmt.rounding == "log":  # one comparison: a >= ceil(2^(n + 1/2))
             ceilings = torch.tensor([sqrt2_ceiling(k) for k in range(63)])
@@ -115,10 +115,10 @@ def encode(acc: torch.Tensor, fmt: Format, exponent: int, denominator: int,
                                  == 1)).long()
             r = torch.where(n + exponent == fmt.min_level_index - 1, r.clamp_min(n + 1), r)
         r = r + exponent
-        mag = (r.clamp(max=fmt.fsr - 1) - fmt.min_level_index + 1).clamp_min(0)
+        mag = (r.clamp(max=fmt.max_level_index) - fmt.min_level_index + 1).clamp_min(0)
         mag = torch.where((r < fmt.min_level_index) | (mag_acc == 0), 0, mag)
-    elif denominator == 1 and isinstance(fmt, LinearFormat):
-        shift = fmt.fsr - m - exponent
+    elif denominator == 1 and fmt.family == "linear":
+        shift = fmt.lsb - exponent
         if shift <= 0:  # saturate before the shift can overflow
             top = (1 << m) - 1
             mag = torch.where(mag_acc > top >> -shift, top,

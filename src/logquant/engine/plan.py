@@ -67,10 +67,8 @@ class LayerPlan:
     @property
     def shift_adds(self) -> bool:
         """Whether every product is a shift (at least one operand in a log format)."""
-        from logquant.formats import LogFormat
-
-        x_log = self.x_table is not None and isinstance(self.x_table.fmt, LogFormat)
-        return isinstance(self.weight_format, LogFormat) or x_log
+        x_log = self.x_table is not None and self.x_table.fmt.is_log
+        return self.weight_format.is_log or x_log
 
 
 def _window_count(size: int, kernel: int, stride: int, padding: int, dilation: int,
