@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# Prepare a fresh clone: .venv with torch/torchvision (DESIGN.md section 5), logquant in
+# Prepare a fresh clone: .venv with torch 2.14.1 + torchvision 0.29.1 (installed from the
+# local disk on our machines; other versions may download GBs), logquant in
 # editable mode with its test tools, and the Fashion-MNIST Debian package when running as
 # root and the data is absent. Safe to rerun: finished steps are skipped.
 set -euo pipefail

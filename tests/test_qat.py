@@ -2,6 +2,7 @@
 
 import pytest
 import torch
+from torch import nn
 
 from logquant.calibrate import fsr_covering
 from logquant.config import QuantConfig
@@ -72,3 +73,11 @@ def test_qat_state_round_trips_and_fixed_fsr_is_kept():
 def test_unknown_layer_in_qat_config():
     with pytest.raises(Exception, match="selects no layer"):
         prepare_qat(RefCNN(), QuantConfig(skip=("nope",)))
+
+
+def test_fixed_fsr_weight_formats_keep_the_sign_of_negative_weights():
+    torch.manual_seed(0)
+    qat = prepare_qat(nn.Sequential(nn.Linear(4, 3)), QuantConfig(fc_weights="log5@fsr0"))
+    layer = qat[0]
+    assert layer.weight_quant.format.name == "log5s@fsr0"
+    assert (layer.weight_quant(layer.weight) < 0).any()

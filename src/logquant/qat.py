@@ -17,6 +17,7 @@ from torch import nn
 
 from logquant.config import QuantConfig
 from logquant.convert import (
+    _signed_for,
     attach_quantizers,
     check_finite,
     check_layer_names,
@@ -42,7 +43,7 @@ def prepare_qat(model: nn.Module, config: QuantConfig, calibration_data: Any = N
     model = fold_batchnorm(model) if fold_bn else copy.deepcopy(model)
     infos = find_layers(model)
     check_layer_names(config, infos)
-    layers, _ = attach_quantizers(model, config.unsupported)
+    layers, weights = attach_quantizers(model, config.unsupported)
     stats, order = {}, list(layers)
     if calibration_data is not None:
         stats, order = collect_input_stats(model.eval(), calibration_data, layers, num_batches,
@@ -51,8 +52,13 @@ def prepare_qat(model: nn.Module, config: QuantConfig, calibration_data: Any = N
     for name, layer in layers.items():
         kind, types = infos[name].kind, infos[name].types
         weight_fmt = config.weight_format(name, kind, types)
+        if weight_fmt is not None:  # a fixed FSR keeps its rule, but never loses the sign
+            weight_fmt = _signed_for(weight_fmt, bool((weights[name] < 0).any()),
+                                     f"{name}.weight")
         act_fmt = None if name == first and not config.quantize_first_input else \
             config.act_format(name, types)
+        if act_fmt is not None and name in stats:
+            act_fmt = _signed_for(act_fmt, stats[name].has_negative, f"{name} input")
         layer.weight_quant = _dynamic(weight_fmt, "current_max", clip_ste)
         layer.input_quant = _dynamic(act_fmt, "running_max", clip_ste)
         # the error at the logits is the loss gradient itself, not a back-propagated one; it
