@@ -44,7 +44,12 @@ class LayerTable(list):
 
 
 def _format_name(quantizer) -> str:
-    return "float" if quantizer.format is None else quantizer.format.name
+    """The complete format; a training quantizer whose FSR its rule has not set yet shows
+    its spec with ``@fsr?``."""
+    if quantizer.spec is None:
+        return "float"
+    return quantizer.format.name if quantizer.format is not None else \
+        f"{quantizer.spec.name}@fsr?"
 
 
 def describe(model: nn.Module) -> LayerTable:
