@@ -183,3 +183,25 @@ def test_torchvision_model_on_an_image_folder(capsys, tmp_path):
     assert code == 0, err
     result = json.loads(out)
     assert result["count"] == 18 and len(result["layers"]) == 21  # 20 convs + fc
+
+
+def test_internal_errors_are_one_line_with_exit_1_and_debug_shows_them(capsys, monkeypatch):
+    import logquant.cli as cli_module
+
+    def broken(args, argv):
+        raise KeyError("a bug")
+
+    monkeypatch.setattr(cli_module, "cmd_eval", broken)
+    code, _, err = run(capsys, "eval")
+    assert code == 1 and err.count("\n") == 1
+    assert "internal error, a bug in logquant (KeyError: 'a bug')" in err and "--debug" in err
+    with pytest.raises(KeyError):
+        main(["--debug", "eval"])
+
+
+def test_a_closed_stdout_pipe_ends_quietly(refcnn_export):
+    proc = subprocess.Popen([sys.executable, "-m", "logquant", "cost", str(refcnn_export[2])],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    proc.stdout.close()  # the reader is gone before anything is written (`| head -0`)
+    err = proc.stderr.read().decode()
+    assert proc.wait(timeout=120) == 141 and err == ""

@@ -64,6 +64,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="logquant", description="CNNs in logarithmic (power-of-two) data "
                      "representation: exact formats, quantization, the paper's experiments, "
                      "training.")
+    parser.add_argument("--debug", action="store_true",
+                        help="show the full traceback of an unexpected (internal) error")
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
 
     p = sub.add_parser("train", help="train a model, in float or quantization-aware "
@@ -485,16 +487,24 @@ def _one_line_warning(message, category, filename, lineno, file=None, line=None)
 
 
 def main(argv: list[str] | None = None) -> int:
+    import os
     import warnings
 
     argv = list(sys.argv[1:] if argv is None else argv)
+    debug = argv[:1] == ["--debug"] or os.environ.get("LOGQUANT_DEBUG") == "1"
     warnings.showwarning = _one_line_warning  # "warning: ..." lines, not source excerpts
     try:
         args = build_parser().parse_args(argv)
-        return args.func(args, argv)
+        code = args.func(args, argv)
+        sys.stdout.flush()  # a closed pipe shows here, not in the interpreter's exit
+        return code
     except LogquantError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    except BrokenPipeError:  # the reader went away (`logquant cost ... | head`): stop quietly
+        with contextlib.suppress(OSError):
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 141  # 128 + SIGPIPE, what the shell reports for a killed writer
     except OSError as exc:  # the machine refused (disk full, permissions): one line too
         where = f"{exc.filename}: " if exc.filename else ""
         print(f"error: {where}{exc.strerror or exc}", file=sys.stderr)
@@ -502,6 +512,14 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
+    except Exception as exc:  # a bug of ours: one line, the traceback only when asked
+        if debug:
+            raise
+        first = (str(exc).strip().splitlines() or [""])[0][:300]
+        print(f"error: internal error, a bug in logquant ({type(exc).__name__}: {first}); "
+              "rerun with 'logquant --debug ...' for the traceback and please report it",
+              file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":
