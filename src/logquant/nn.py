@@ -111,10 +111,6 @@ class Quantizer(nn.Module):
         self.calibrated.fill_(True)
         self._refresh()
 
-    def set_signed(self, signed: bool) -> None:
-        self.signed.fill_(bool(signed))
-        self._refresh()
-
     @torch.no_grad()
     def start_from(self, max_abs: float, has_negative: bool) -> None:
         """Initialize the running statistics from calibration data."""
