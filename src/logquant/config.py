@@ -8,7 +8,6 @@ round-trips through a plain dict (JSON files, the .lqz header, ``--json`` output
 from __future__ import annotations
 
 import dataclasses
-import json
 import re
 from collections.abc import Sequence
 from fnmatch import fnmatchcase
@@ -109,8 +108,17 @@ class QuantConfig:
     def __post_init__(self) -> None:
         for field in ("conv_weights", "fc_weights", "acts", "grads"):
             object.__setattr__(self, field, _parse(getattr(self, field), field))
+        if not isinstance(self.quantize_first_input, bool):
+            raise ConfigError(f"quantize_first_input must be true or false (a JSON boolean), "
+                              f"got {self.quantize_first_input!r}")
+        if isinstance(self.percentile, bool) or not isinstance(self.percentile, (int, float)):
+            raise ConfigError(f"percentile must be a number, got {self.percentile!r}")
+        if not isinstance(self.overrides, dict):
+            raise ConfigError(f"overrides must be an object of layer pattern -> formats, "
+                              f"got {type(self.overrides).__name__}")
         for field in ("weight_fsr", "act_fsr"):
-            if getattr(self, field) not in FSR_METHODS:
+            if not isinstance(getattr(self, field), str) or \
+                    getattr(self, field) not in FSR_METHODS:
                 raise ConfigError(f"{field} must be one of {', '.join(FSR_METHODS)}, "
                                   f"got {getattr(self, field)!r}")
         if not 0.0 < float(self.percentile) <= 100.0:
@@ -130,6 +138,9 @@ class QuantConfig:
                     raise ConfigError(f"override for {name}: unknown keys {sorted(unknown)}; "
                                       "use 'weights' and/or 'acts'")
                 value = LayerOverride(**value)
+            elif not isinstance(value, LayerOverride):
+                raise ConfigError(f"override for {name}: expected an object such as "
+                                  f'{{"weights": "log4"}}, got {type(value).__name__}')
             overrides[name] = value
         object.__setattr__(self, "overrides", overrides)
 
@@ -207,11 +218,10 @@ class QuantConfig:
 
     @classmethod
     def load(cls, path: str | Path) -> QuantConfig:
-        path = Path(path)
+        from logquant.io import JsonError, read_json
+
         try:
-            data = json.loads(path.read_text())
-        except OSError as exc:
-            raise ConfigError(f"{path}: cannot read ({exc.strerror})") from None
-        except json.JSONDecodeError as exc:
-            raise ConfigError(f"{path}: not valid JSON ({exc.msg} at line {exc.lineno})") from None
+            data = read_json(path, "configuration")
+        except JsonError as exc:
+            raise ConfigError(str(exc)) from None
         return cls.from_dict(data)

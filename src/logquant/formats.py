@@ -640,8 +640,10 @@ def family_format(family: str, bits: int, fsr: int | None = None, *,
 # ----------------------------------------------------------------------------------------
 # String forms: log3, log5s, logsqrt2-5s, lin4, log4-linround, with optional @fsrN
 
-_SPEC = re.compile(r"^(?P<kind>logsqrt2-|log|lin)(?P<bits>\d+)(?P<signed>s?)"
-                   r"(?P<linround>-linround)?(?:@fsr(?P<fsr>[+-]?\d+))?$")
+# ASCII digits only, and few of them: "log٣" is not log3, and a 5000-digit FSR is refused
+# by the grammar before int() could choke on it
+_SPEC = re.compile(r"^(?P<kind>logsqrt2-|log|lin)(?P<bits>\d{1,3})(?P<signed>s?)"
+                   r"(?P<linround>-linround)?(?:@fsr(?P<fsr>[+-]?\d{1,6}))?$", re.ASCII)
 FLOAT_NAMES = ("float", "none", "fp32")
 
 
@@ -657,7 +659,8 @@ def parse_format(spec: str) -> Format | None:
         return None
     match = _SPEC.match(text)
     if match is None:
-        raise FormatError(f"unknown format {spec!r}; expected e.g. log3, log5s, logsqrt2-5s, "
+        shown = repr(spec) if len(spec) <= 40 else repr(spec[:40]) + f"... ({len(spec)} chars)"
+        raise FormatError(f"unknown format {shown}; expected e.g. log3, log5s, logsqrt2-5s, "
                           "lin4, log4-linround, optionally with @fsrN (N an integer)")
     bits = int(match["bits"])
     fsr = int(match["fsr"]) if match["fsr"] is not None else None

@@ -27,6 +27,59 @@ class OutputError(LogquantError):
 
 LOCK_FILE = ".logquant.lock"
 
+JSON_MAX_DEPTH = 32  # every JSON document logquant reads is a few levels deep
+JSON_MAX_BYTES = 64 << 20
+
+
+class JsonError(LogquantError):
+    """A JSON document (config, manifest, file header) that cannot be read safely."""
+
+
+def _reject_constant(name: str):
+    raise ValueError(f"{name} is not a JSON number")
+
+
+def parse_json(text: str | bytes, where: str) -> object:
+    """Parse untrusted JSON (a file, a header): any malformed, deeply nested, oversized or
+    non-UTF-8 document, NaN/Infinity constants and integers of thousands of digits are one
+    ``JsonError`` naming ``where``, never a RecursionError, ValueError or slow parse."""
+    if len(text) > JSON_MAX_BYTES:
+        raise JsonError(f"{where}: {len(text):,} bytes of JSON exceeds the "
+                        f"{JSON_MAX_BYTES:,}-byte limit")
+    try:
+        if isinstance(text, bytes):
+            text = text.decode("utf-8")
+        value = json.loads(text, parse_constant=_reject_constant)
+    except UnicodeDecodeError as exc:
+        raise JsonError(f"{where}: not UTF-8 text (byte {exc.start})") from None
+    except json.JSONDecodeError as exc:
+        raise JsonError(f"{where}: not valid JSON ({exc.msg} at line {exc.lineno})") from None
+    except RecursionError:
+        raise JsonError(f"{where}: JSON nested too deeply") from None
+    except ValueError as exc:  # an integer beyond Python's digit limit, NaN, Infinity
+        raise JsonError(f"{where}: bad JSON value ({str(exc).splitlines()[0][:80]})") from None
+    stack = [(value, 1)]
+    while stack:  # depth, without recursion
+        item, depth = stack.pop()
+        if depth > JSON_MAX_DEPTH:
+            raise JsonError(f"{where}: JSON nested deeper than {JSON_MAX_DEPTH} levels")
+        children = item.values() if isinstance(item, dict) else item if isinstance(
+            item, list) else ()
+        stack.extend((child, depth + 1) for child in children)
+        if isinstance(item, float) and not abs(item) < float("inf"):
+            raise JsonError(f"{where}: a number too large for a float ({item})")
+    return value
+
+
+def read_json(path: str | os.PathLike, what: str = "") -> object:
+    """``parse_json`` of a file; an unreadable file is a one-line error too."""
+    path = Path(path)
+    try:
+        data = path.read_bytes()
+    except OSError as exc:
+        raise JsonError(f"{path}: cannot read {what or 'the file'} ({exc.strerror})") from None
+    return parse_json(data, f"{path}" + (f" ({what})" if what else ""))
+
 
 def _alive(pid: int) -> bool:
     try:

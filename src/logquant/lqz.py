@@ -30,6 +30,7 @@ import torch
 
 from logquant.errors import LogquantError
 from logquant.formats import Format, FormatError, parse_format
+from logquant.io import JsonError, parse_json
 from logquant.packing import pack_codes, packed_size, unpack_codes
 
 MAGIC = "logquant-lqz"
@@ -200,9 +201,9 @@ def read_container(path: Path) -> tuple[dict[str, str], dict[str, np.ndarray]]:
         if 8 + header_len > size:
             _fail(path, f"truncated: header of {header_len} bytes, file of {size} bytes")
         try:
-            table = json.loads(f.read(header_len).decode("utf-8"))
-        except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-            _fail(path, f"corrupted header ({type(exc).__name__})")
+            table = parse_json(f.read(header_len), "header")
+        except JsonError as exc:
+            _fail(path, f"corrupted {exc}")
         if not isinstance(table, dict):
             _fail(path, "corrupted header (not a JSON object)")
         metadata = table.pop("__metadata__", None)
@@ -257,9 +258,9 @@ def load(path: str | os.PathLike) -> LqzModel:
     if _checksum(header_json, arrays) != metadata["checksum"]:
         _fail(path, "checksum mismatch: the file is corrupted")
     try:
-        header = json.loads(header_json)
-    except json.JSONDecodeError:
-        _fail(path, "corrupted lqz header")
+        header = parse_json(header_json, "lqz header")
+    except JsonError as exc:
+        _fail(path, f"corrupted {exc}")
     try:
         validate_header(header)
         return _unpack(header, arrays)

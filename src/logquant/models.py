@@ -106,10 +106,8 @@ def load_model(name: str, checkpoint: str | Path | None = None, num_classes: int
 
 def _qat_config(checkpoint: str | Path):
     """(QuantConfig, fold_bn) recorded by quantization-aware training, if any."""
-    import json
-
     from logquant.config import QuantConfig
-    from logquant.io import read_metadata
+    from logquant.io import parse_json, read_metadata
 
     if Path(checkpoint).suffix != ".safetensors":
         return None
@@ -119,5 +117,6 @@ def _qat_config(checkpoint: str | Path):
         return None  # load_weights reports unreadable files
     if "logquant_qat" not in metadata:
         return None
-    return (QuantConfig.from_dict(json.loads(metadata["logquant_qat"])),
+    where = f"{checkpoint}: quantization-aware training record (metadata logquant_qat)"
+    return (QuantConfig.from_dict(parse_json(metadata["logquant_qat"], where)),
             metadata.get("fold_bn") == "1")

@@ -26,7 +26,7 @@ from logquant.coverage import FLOAT_REASONS_ATTR
 from logquant.errors import LogquantError
 from logquant.fold import fold_batchnorm
 from logquant.formats import Format, parse_format
-from logquant.io import atomic_path
+from logquant.io import JsonError, atomic_path, parse_json
 from logquant.nn import QuantizedLayer, Quantizer, float_class
 
 KIND = "logquant-quantized-model"
@@ -114,11 +114,12 @@ def _read(path: Path) -> tuple[dict[str, str], dict[str, torch.Tensor]]:
 
 
 def _json_field(metadata: dict[str, str], key: str, path: Path) -> Any:
+    if key not in metadata:
+        raise QuantizedFileError(f"{path}: metadata field {key!r} is missing")
     try:
-        return json.loads(metadata[key])
-    except (KeyError, ValueError, RecursionError) as exc:
-        raise QuantizedFileError(f"{path}: metadata field {key!r} is missing or not JSON "
-                                 f"({type(exc).__name__})") from None
+        return parse_json(metadata[key], f"metadata field {key!r}")
+    except JsonError as exc:
+        raise QuantizedFileError(f"{path}: {exc}") from None
 
 
 def _format(text: Any, where: str, path: Path) -> Format | None:

@@ -14,7 +14,6 @@ import csv
 import dataclasses
 import hashlib
 import io
-import json
 import os
 from collections.abc import Callable, Iterable
 from pathlib import Path
@@ -29,7 +28,7 @@ from logquant.distributed import broadcast_object, gather_lists, init_distribute
 from logquant.errors import LogquantError
 from logquant.evaluate import evaluate
 from logquant.formats import FAMILIES, family_format, parse_format
-from logquant.io import check_output_path, write_json_atomic, write_text_atomic
+from logquant.io import check_output_path, read_json, write_json_atomic, write_text_atomic
 
 SWEEP_VERSION = 2  # 2: no wall-clock column, so equal sweeps give identical files
 ROWS_FILE = "sweep.csv"
@@ -209,8 +208,8 @@ def open_output(out: Path, manifest: dict, force: bool) -> list[dict]:
     if existing and not force:
         manifest_path = out / MANIFEST_FILE
         try:
-            previous = json.loads(manifest_path.read_text())
-        except (OSError, json.JSONDecodeError):
+            previous = read_json(manifest_path)
+        except LogquantError:
             previous = None
         if previous != manifest:
             what = "another sweep" if previous else f"other files ({', '.join(existing[:3])})"

@@ -25,7 +25,7 @@ from logquant.data import ImageDataset, Splits
 from logquant.distributed import barrier, init_distributed
 from logquant.errors import LogquantError
 from logquant.evaluate import evaluate
-from logquant.io import write_text_atomic
+from logquant.io import read_json, write_text_atomic
 
 LATEST = "LATEST"
 KEEP_CHECKPOINTS = 2
@@ -112,26 +112,38 @@ def load_checkpoint(directory: Path, model: nn.Module, opt: torch.optim.Optimize
 
     try:
         name = (directory / LATEST).read_text().strip()
-        record = json.loads((directory / name / "state.json").read_text())
+        record = read_json(directory / name / "state.json", "checkpoint state")
         tensors = load_file(str(directory / name / "state.safetensors"))
-    except (OSError, ValueError) as exc:
+    except (OSError, ValueError) as exc:  # JsonError is a ValueError too
         raise TrainingError(f"{directory}: no checkpoint to resume from ({exc})") from None
+    if not isinstance(record, dict):
+        raise TrainingError(f"{directory / name}/state.json: not a checkpoint record")
     try:
         model.load_state_dict({k[len("model/"):]: v for k, v in tensors.items()
                                if k.startswith("model/")})
     except RuntimeError as exc:
         raise TrainingError(f"{directory / name}: does not fit this model "
                             f"({str(exc).splitlines()[0]})") from None
-    state: dict[int, dict] = {}
-    for key, value in tensors.items():
-        if key.startswith("optimizer/"):
-            _, index, slot = key.split("/", 2)
-            state.setdefault(int(index), {})[slot] = value
-    for index, scalars in record["optimizer_scalars"].items():
-        state.setdefault(int(index), {}).update(scalars)
-    opt.load_state_dict({"state": state, "param_groups": record["optimizer_groups"]})
-    torch.set_rng_state(torch.tensor(record["rng"]["torch"], dtype=torch.uint8))
-    gen.set_state(torch.tensor(record["rng"]["data"], dtype=torch.uint8))
+    try:
+        kinds = {"epoch": int, "step": int, "history": list, "train_config": dict}
+        for key, kind in kinds.items():
+            if not isinstance(record[key], kind) or isinstance(record[key], bool):
+                raise TypeError(f"{key} is not a JSON {kind.__name__}")
+        state: dict[int, dict] = {}
+        for key, value in tensors.items():
+            if key.startswith("optimizer/"):
+                _, index, slot = key.split("/", 2)
+                state.setdefault(int(index), {})[slot] = value
+        for index, scalars in record["optimizer_scalars"].items():
+            state.setdefault(int(index), {}).update(scalars)
+        opt.load_state_dict({"state": state, "param_groups": record["optimizer_groups"]})
+        torch.set_rng_state(torch.tensor(record["rng"]["torch"], dtype=torch.uint8))
+        gen.set_state(torch.tensor(record["rng"]["data"], dtype=torch.uint8))
+    except (KeyError, TypeError, ValueError, RuntimeError, AttributeError,
+            OverflowError) as exc:  # an edited or damaged record: whichever field it hits
+        raise TrainingError(f"{directory / name}/state.json: damaged or edited "
+                            f"({type(exc).__name__}: {str(exc).splitlines()[0][:120]})") \
+            from None
     return record
 
 
