@@ -90,3 +90,36 @@ def test_image_folder(tmp_path):
     (tmp_path / "train" / "cat" / "broken.png").write_bytes(b"not a png")
     with pytest.raises(DataError, match="broken.png"):
         load_splits(tmp_path, image_size=32)
+
+
+def test_hostile_idx_files_are_refused_in_bounded_memory(tmp_path):
+    import gzip
+    import tracemalloc
+    import zlib
+
+    from logquant.data import DataError, read_idx
+
+    header = bytes([0, 0, 8, 3]) + b"".join(n.to_bytes(4, "big") for n in (100, 28, 28))
+    good = gzip.compress(header + bytes(100 * 28 * 28))
+    deflate = zlib.compressobj(9, zlib.DEFLATED, 16 + zlib.MAX_WBITS)
+    bomb = deflate.compress(header) + b"".join(deflate.compress(bytes(1 << 20))
+                                               for _ in range(512)) + deflate.flush()
+    flipped = bytearray(good)
+    flipped[30] ^= 0xFF
+    cases = {
+        "bomb.gz": (bomb, "more data than the IDX header declares"),
+        "flipped.gz": (bytes(flipped), "corrupt gzip data"),
+        "truncated.gz": (good[:-6], "corrupt gzip data"),
+        "dims": (bytes([0, 0, 8, 100]) + bytes(400), "100 dimensions"),
+        "huge": (bytes([0, 0, 8, 2]) + (1 << 31).to_bytes(4, "big") * 2, "byte limit"),
+    }
+    for name, (content, message) in cases.items():
+        (tmp_path / name).write_bytes(content)
+        tracemalloc.start()
+        with pytest.raises(DataError, match=message):
+            read_idx(tmp_path / name)
+        peak = tracemalloc.get_traced_memory()[1]
+        tracemalloc.stop()
+        assert peak < 32 << 20, f"{name}: {peak:,} bytes allocated before the refusal"
+    (tmp_path / "good.gz").write_bytes(good)
+    assert read_idx(tmp_path / "good.gz").shape == (100, 28, 28)

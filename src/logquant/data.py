@@ -7,7 +7,6 @@ plain tensor slices: no worker processes, no per-image Python on the hot path.
 from __future__ import annotations
 
 import dataclasses
-import gzip
 import math
 import os
 from pathlib import Path
@@ -69,37 +68,70 @@ class ImageDataset:
 # IDX files
 
 
-def _open_maybe_gzip(path: Path) -> bytes:
+IDX_MAX_BYTES = 4 << 30  # larger IDX data is refused before it is read or inflated
+IDX_MAX_DIMS = 4  # Fashion-MNIST uses 1 (labels) and 3 (images)
+
+
+def _idx_shape(head: bytes, path: Path) -> tuple[int, ...]:
+    """The shape an IDX header declares, validated (magic, type, dimensions, size)."""
+    if len(head) < 4 or head[0] != 0 or head[1] != 0:
+        raise DataError(f"{path}: not an IDX file (bad magic number)")
+    if head[2] != 0x08:
+        raise DataError(f"{path}: IDX element type 0x{head[2]:02x} is not unsigned byte (0x08)")
+    ndim = head[3]
+    if not 1 <= ndim <= IDX_MAX_DIMS:
+        raise DataError(f"{path}: IDX file of {ndim} dimensions (1..{IDX_MAX_DIMS} expected)")
+    if len(head) < 4 + 4 * ndim:
+        raise DataError(f"{path}: truncated IDX header")
+    shape = tuple(int.from_bytes(head[4 + 4 * i: 8 + 4 * i], "big") for i in range(ndim))
+    if math.prod(shape) > IDX_MAX_BYTES:  # exact: numpy's product wraps at 2^64
+        raise DataError(f"{path}: IDX header declares {shape} = {math.prod(shape):,} bytes, "
+                        f"more than the {IDX_MAX_BYTES:,}-byte limit")
+    return shape
+
+
+def _read_idx_bytes(path: Path) -> tuple[tuple[int, ...], bytes]:
+    """(shape, data) of an IDX file, gzipped or not. A gzip stream is inflated only up to
+    the size its IDX header declares: a decompression bomb stops there, with an error."""
+    import zlib
+
     try:
+        if path.stat().st_size > IDX_MAX_BYTES + 4 + 4 * IDX_MAX_DIMS:
+            raise DataError(f"{path}: larger than the {IDX_MAX_BYTES:,}-byte IDX limit")
         raw = path.read_bytes()
     except OSError as exc:
         raise DataError(f"{path}: cannot read ({exc.strerror})") from None
-    if raw[:2] == b"\x1f\x8b":
-        try:
-            return gzip.decompress(raw)
-        except (OSError, EOFError) as exc:
-            raise DataError(f"{path}: corrupt gzip data ({exc})") from None
-    return raw
+    if raw[:2] != b"\x1f\x8b":
+        shape = _idx_shape(raw[:4 + 4 * IDX_MAX_DIMS], path)
+        return shape, raw[4 + 4 * len(shape):]
+    inflater = zlib.decompressobj(16 + zlib.MAX_WBITS)  # gzip framing
+    try:
+        head = inflater.decompress(raw, 4)
+        head += inflater.decompress(inflater.unconsumed_tail, 4 * head[3] if len(head) == 4
+                                    else 0)
+        shape = _idx_shape(head, path)
+        expected = math.prod(shape)
+        data = inflater.decompress(inflater.unconsumed_tail, expected + 1)
+        if len(data) > expected:
+            raise DataError(f"{path}: the gzip stream holds more data than the IDX header "
+                            f"declares ({shape} = {expected:,} bytes)")
+        if not inflater.eof:
+            raise DataError(f"{path}: corrupt gzip data (truncated stream)")
+    except zlib.error as exc:
+        raise DataError(f"{path}: corrupt gzip data ({exc})") from None
+    return shape, data
 
 
 def read_idx(path: str | Path) -> np.ndarray:
-    """Read an IDX file (optionally gzipped) of unsigned bytes, validating header and size."""
+    """Read an IDX file (optionally gzipped) of unsigned bytes, validating header and size
+    before any large allocation."""
     path = Path(path)
-    raw = _open_maybe_gzip(path)
-    if len(raw) < 4 or raw[0] != 0 or raw[1] != 0:
-        raise DataError(f"{path}: not an IDX file (bad magic number)")
-    if raw[2] != 0x08:
-        raise DataError(f"{path}: IDX element type 0x{raw[2]:02x} is not unsigned byte (0x08)")
-    ndim = raw[3]
-    header = 4 + 4 * ndim
-    if ndim == 0 or len(raw) < header:
-        raise DataError(f"{path}: truncated IDX header")
-    shape = tuple(int.from_bytes(raw[4 + 4 * i: 8 + 4 * i], "big") for i in range(ndim))
-    expected = math.prod(shape)  # exact: numpy's product wraps around at 2^64
-    if len(raw) - header != expected:
+    shape, data = _read_idx_bytes(path)
+    expected = math.prod(shape)
+    if len(data) != expected:
         raise DataError(f"{path}: IDX header says {shape} = {expected} bytes of data, "
-                        f"file has {len(raw) - header}")
-    return np.frombuffer(raw, dtype=np.uint8, offset=header).reshape(shape)
+                        f"file has {len(data)}")
+    return np.frombuffer(data, dtype=np.uint8).reshape(shape)
 
 
 def _find(directory: Path, stem: str) -> Path:
