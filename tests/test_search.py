@@ -56,7 +56,7 @@ def test_bad_budgets_objectives_and_models_are_refused(small_search, fashion):
     with pytest.raises(SearchError, match="2..8"):
         Search(load_model("refcnn"), fashion.val.batches(250), search.val, "bits", bits=(1,))
     no_layers = nn.Sequential(nn.Flatten(), nn.ReLU())
-    with pytest.raises(LogquantError, match="no Conv2d or Linear"):
+    with pytest.raises(LogquantError, match="no conv or linear layers"):
         Search(no_layers, fashion.val.batches(250), search.val, "bits")
 
 
