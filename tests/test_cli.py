@@ -70,6 +70,10 @@ BAD_COMMANDS = [
      ["eval", "--device", "nonsense"], "device"),
     (["train", "--out", "model.pt"], "must end in .safetensors"),
     (["frobnicate"], "invalid choice"),
+    (["eval", "--device", "meta"], "runs on cpu or cuda"),
+    (["train", "--seed", str(2**70), "--out", "x.safetensors"], "0 .. 2^63-1"),
+    (["eval", "--model", ":x"], "expected package.module:factory"),
+    (["eval", "--config", "/nonexistent/c.json"], "cannot read configuration"),
 ]
 
 
@@ -183,6 +187,10 @@ def test_torchvision_model_on_an_image_folder(capsys, tmp_path):
     assert code == 0, err
     result = json.loads(out)
     assert result["count"] == 18 and len(result["layers"]) == 21  # 20 convs + fc
+    (tmp_path / "data" / "test" / "c").rename(tmp_path / "data" / "test" / "d")
+    code, out, err = run(capsys, "eval", "--model", "resnet18", "--checkpoint", str(weights),
+                         "--data-dir", str(tmp_path / "data"), "--image-size", "32")
+    assert code == 2 and "test/ has other classes than train/ (c, d)" in err, err
 
 
 def test_internal_errors_are_one_line_with_exit_1_and_debug_shows_them(capsys, monkeypatch):

@@ -107,6 +107,11 @@ def test_vectors_hex_npz_and_engine_agree(capsys, exported, tmp_path, fashion):
     (["export", "--acts", "log4", "--out", "{tmp}/x.lqz"], "float weights"),
     (["export", "--out", "{tmp}/x.lqz"], "needs formats"),
     (["run", "{lqz}", "--bogus"], "unrecognized arguments"),
+    (["run", "{lqz}", "--model", "resnet18", "--checkpoint", "w.pt"],
+     "--model, --checkpoint apply to --config only"),
+    (["cost", "{lqz}", "--calib-batches", "2"], "--calib-batches apply to --config only"),
+    (["export", "--format", "onnx", "--weights", "log4", "--out", "{tmp}/x.lqz"],
+     "must end in .onnx"),
 ])
 def test_errors_are_one_line_with_exit_code_2(capsys, exported, tmp_path, argv, message):
     argv = [a.format(lqz=exported, tmp=tmp_path) for a in argv]

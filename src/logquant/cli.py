@@ -38,6 +38,16 @@ def _positive_int(text: str) -> int:
     return value
 
 
+def _seed(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer seed, got {text!r}") from None
+    if not 0 <= value < 2**63:
+        raise argparse.ArgumentTypeError(f"a seed must be in 0 .. 2^63-1, got {text}")
+    return value
+
+
 def _add_common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", default="refcnn",
                    help="refcnn (bundled), a torchvision architecture, or package.module:factory")
@@ -55,6 +65,8 @@ def _device(name: str) -> torch.device:
         device = torch.device(name)
     except RuntimeError:
         raise LogquantError(f"--device {name}: not a device name (cpu, cuda, cuda:0)") from None
+    if device.type not in ("cpu", "cuda"):
+        raise LogquantError(f"--device {name}: logquant runs on cpu or cuda devices")
     if device.type == "cuda" and not torch.cuda.is_available():
         raise LogquantError(f"--device {name}: CUDA is not available on this machine")
     return device
@@ -79,7 +91,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="peak learning rate of SGD with Nesterov momentum (default 0.05)")
     p.add_argument("--warmup-epochs", type=int, default=1,
                    help="linear warm-up before the cosine decay (default 1)")
-    p.add_argument("--seed", type=int, default=0,
+    p.add_argument("--seed", type=_seed, default=0,
                    help="initialization, data order and augmentation (default 0)")
     p.add_argument("--out", required=True, help="output .safetensors file (final weights)")
     p.add_argument("--checkpoint-dir", default=None,
@@ -148,7 +160,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="epochs of each from-scratch run (default 15)")
     p.add_argument("--finetune-epochs", type=_positive_int, default=3,
                    help="epochs of each log4/log3 fine-tuning run (default 3)")
-    p.add_argument("--seed", type=int, default=0, help="seed of every run (default 0)")
+    p.add_argument("--seed", type=_seed, default=0, help="seed of every run (default 0)")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     p.set_defaults(func=cmd_reproduce_training)
     from logquant import cli_engine, cli_search  # here: those modules read this one

@@ -72,10 +72,10 @@ def _add_network_source(p: argparse.ArgumentParser) -> None:
     p.add_argument("lqz", nargs="?", default=None, help="the .lqz file")
     g = p.add_argument_group("or export on the fly (instead of an .lqz file)")
     g.add_argument("--config", default=None, help="a QuantConfig JSON file (e.g. from search)")
-    g.add_argument("--model", default="refcnn", help="as for eval (with --config)")
+    g.add_argument("--model", default=None, help="as for eval (with --config; default refcnn)")
     g.add_argument("--checkpoint", default=None, help="weights file (with --config)")
-    g.add_argument("--calib-batches", type=cli._positive_int, default=8,
-                   help="validation batches of 500 calibrating --config's FSRs")
+    g.add_argument("--calib-batches", type=cli._positive_int, default=None,
+                   help="validation batches of 500 calibrating --config's FSRs (default 8)")
 
 
 def _network(args: argparse.Namespace):
@@ -83,7 +83,14 @@ def _network(args: argparse.Namespace):
     if (args.lqz is None) == (args.config is None):
         raise LogquantError("give an .lqz file or --config FILE (not both)")
     if args.lqz is not None:
+        given = [f"--{n.replace('_', '-')}" for n in ("model", "checkpoint", "calib_batches")
+                 if getattr(args, n) is not None]
+        if given:  # refused, not ignored: the file already holds its network
+            raise LogquantError(f"{', '.join(given)} apply to --config only; an .lqz file "
+                                "holds its network")
         return _load(args.lqz)
+    args.model = args.model or "refcnn"
+    args.calib_batches = args.calib_batches or 8
     from logquant.config import QuantConfig
     from logquant.data import load_splits
     from logquant.export import build_lqz, quantize_for_export

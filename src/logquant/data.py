@@ -258,6 +258,12 @@ def load_splits(data_dir: str | os.PathLike | None = None, image_size: int = 224
                                     **kwargs)
         else:
             train, val = train_val_split(train, min(val_size, max(1, len(train) // 10)))
+        for name, part in (("test", test), ("val", val)):
+            if part.classes != train.classes:  # labels are class indices: the lists must agree
+                extra = sorted(set(part.classes) ^ set(train.classes))
+                raise DataError(f"{directory}: {name}/ has other classes than train/ "
+                                f"({', '.join(extra[:5]) or 'another order'}); the labels "
+                                "would not mean the same classes")
         return Splits(train, val, test)
     full = load_fashion_mnist("train", directory)
     train, val = train_val_split(full, min(val_size, max(1, len(full) // 10)))

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib
+import re
 from collections.abc import Callable
 from pathlib import Path
 
@@ -49,16 +50,24 @@ REFERENCE_MODEL = "refcnn"
 BUNDLED_WEIGHTS = Path(__file__).parent / "weights" / "refcnn_fashion.safetensors"
 
 
+_FACTORY = re.compile(r"[A-Za-z_]\w*(\.[A-Za-z_]\w*)*:[A-Za-z_]\w*", re.ASCII)
+
+
 def create_model(name: str, num_classes: int = 10, in_channels: int = 1) -> nn.Module:
     """A model by registry name, torchvision architecture name, or ``package.module:factory``."""
     if name in MODELS:
         return MODELS[name](num_classes=num_classes, in_channels=in_channels)
     if ":" in name:
+        if not _FACTORY.fullmatch(name):
+            raise ModelError(f"--model {name!r}: expected package.module:factory (Python "
+                             "names, e.g. mypkg.nets:make_net)")
         module_name, _, attr = name.partition(":")
         try:
             factory = getattr(importlib.import_module(module_name), attr)
         except (ImportError, AttributeError) as exc:
             raise ModelError(f"--model {name}: cannot import factory ({exc})") from None
+        if not callable(factory):
+            raise ModelError(f"--model {name}: {attr} is not callable")
         model = factory()
         if not isinstance(model, nn.Module):
             raise ModelError(f"--model {name}: factory returned {type(model).__name__}, "
