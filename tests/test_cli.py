@@ -74,6 +74,8 @@ BAD_COMMANDS = [
     (["train", "--seed", str(2**70), "--out", "x.safetensors"], "0 .. 2^63-1"),
     (["eval", "--model", ":x"], "expected package.module:factory"),
     (["eval", "--config", "/nonexistent/c.json"], "cannot read configuration"),
+    (["sweep", "--out", "never-created", "--fsr-range", "0:100000000"], "FSRs lie in -64..64"),
+    (["eval", "--image-size", "30000"], "image sides up to 2048"),
 ]
 
 

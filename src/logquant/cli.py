@@ -38,6 +38,16 @@ def _positive_int(text: str) -> int:
     return value
 
 
+IMAGE_SIZE_MAX = 2048  # pixels per side: larger crops of a folder would exhaust memory
+
+
+def _image_size(text: str) -> int:
+    value = _positive_int(text)
+    if value > IMAGE_SIZE_MAX:
+        raise argparse.ArgumentTypeError(f"image sides up to {IMAGE_SIZE_MAX}, got {value}")
+    return value
+
+
 def _seed(text: str) -> int:
     try:
         value = int(text)
@@ -56,7 +66,7 @@ def _add_common(p: argparse.ArgumentParser) -> None:
                         "default $LOGQUANT_DATA_DIR or /usr/share/datasets/fashion-mnist")
     p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ...")
     p.add_argument("--batch-size", type=_positive_int, default=500, help="evaluation batch")
-    p.add_argument("--image-size", type=_positive_int, default=224,
+    p.add_argument("--image-size", type=_image_size, default=224,
                    help="image-folder data only: side of the square crop")
 
 
@@ -368,6 +378,10 @@ def _fsr_range(text: str) -> tuple[int, int]:
         raise argparse.ArgumentTypeError(f"expected LO:HI integers, got {text!r}")
     if value[0] > value[1]:
         raise argparse.ArgumentTypeError(f"empty FSR range {text!r} (min > max)")
+    from logquant.formats import FSR_MAX, FSR_MIN
+
+    if value[0] < FSR_MIN or value[1] > FSR_MAX:
+        raise argparse.ArgumentTypeError(f"FSRs lie in {FSR_MIN}..{FSR_MAX}, got {text!r}")
     return value
 
 
