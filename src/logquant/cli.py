@@ -329,7 +329,8 @@ def cmd_eval(args: argparse.Namespace, argv: list[str]) -> int:
     if args.quantized and not config.is_float:
         raise LogquantError("--quantized FILE carries its formats; drop the format flags")
     if args.save_quantized:
-        check_output_path(args.save_quantized)
+        check_output_path(args.save_quantized, suffixes=(".safetensors",),
+                          inputs=(args.checkpoint, args.quantized, args.config))
     device = _device(args.device)
     splits = load_splits(args.data_dir, args.image_size)
     model = _load_checked_model(args, splits, device)
@@ -392,7 +393,7 @@ def _sweep_inputs(args: argparse.Namespace):
     from logquant.models import BUNDLED_WEIGHTS
     from logquant.sweep import SWEEP_VERSION, SweepSettings, file_sha256
 
-    check_output_path(args.out, folder=True)
+    check_output_path(args.out, folder=True, foreign_ok=True)  # the sweep checks its contents
     device = _device(args.device)
     splits = load_splits(args.data_dir, args.image_size)
     model = _load_checked_model(args, splits, torch.device("cpu"))
@@ -456,9 +457,8 @@ def cmd_train(args: argparse.Namespace, argv: list[str]) -> int:
     from logquant.qat import prepare_qat
     from logquant.train import TrainConfig, train
 
-    out = check_output_path(args.out)
-    if out.suffix != ".safetensors":
-        raise LogquantError(f"--out {out}: the file name must end in .safetensors")
+    out = check_output_path(args.out, suffixes=(".safetensors",),
+                            inputs=(args.init, args.config))
     ckpt = check_output_path(Path(args.checkpoint_dir) if args.checkpoint_dir
                              else out.with_suffix(".ckpt"), folder=True)
     config = config_from_args(args)

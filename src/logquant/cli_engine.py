@@ -112,7 +112,8 @@ def cmd_export(args: argparse.Namespace, argv: list[str]) -> int:
     from logquant.export import build_lqz, float32_size, quantize_for_export
     from logquant.io import check_output_path
 
-    check_output_path(args.out)
+    check_output_path(args.out, suffixes=(f".{args.file_format}",),
+                      inputs=(args.checkpoint, args.config))
     config = cli.config_from_args(args)
     if args.file_format == "onnx":
         return _export_onnx(args, config)

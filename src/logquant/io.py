@@ -127,10 +127,18 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
             os.unlink(tmp)
 
 
-def check_output_path(path: str | os.PathLike, folder: bool = False) -> Path:
-    """``path`` if it can become the output file (or ``folder``): refuse, before any work is
-    done, a file where a folder is needed or the other way round, or an ancestor that is a
-    file."""
+def check_output_path(path: str | os.PathLike, folder: bool = False, *,
+                      suffixes: tuple[str, ...] = (), inputs=(),
+                      foreign_ok: bool = False) -> Path:
+    """``path`` if it can become the output file (or ``folder``), checked before any work.
+
+    The one rule for what a command may write: a file only with one of ``suffixes`` (when
+    given), never onto one of the command's ``inputs``, never over a device, FIFO, socket
+    or other non-regular file; a folder only if it is new, empty, or was written by
+    logquant before (it holds logquant's lock file), unless ``foreign_ok`` (the caller
+    checks the contents itself, as sweep does with its manifest). Also refused: a file where
+    a folder is needed or the other way round, or an ancestor that is a file.
+    """
     path = Path(path)
     kind = "folder" if folder else "file"
     if path.exists() and path.is_dir() != folder:
@@ -141,6 +149,26 @@ def check_output_path(path: str | os.PathLike, folder: bool = False) -> Path:
                 raise OutputError(f"{path}: cannot create the output {kind}: {parent} is "
                                   "a file")
             break
+    if folder:
+        if not foreign_ok and path.is_dir() and not (path / LOCK_FILE).exists() and any(
+                entry.name != LOCK_FILE for entry in os.scandir(path)):
+            raise OutputError(f"{path}: holds files that logquant did not write; choose a "
+                              "new or empty folder")
+        return path
+    if suffixes and path.suffix not in suffixes:
+        raise OutputError(f"{path}: the output file name must end in "
+                          f"{' or '.join(suffixes)}")
+    if path.exists() or path.is_symlink():
+        import stat
+
+        mode = os.stat(path).st_mode if path.exists() else 0
+        if not stat.S_ISREG(mode):
+            raise OutputError(f"{path}: exists and is not a regular file (a device, FIFO, "
+                              "socket or dangling link); logquant replaces regular files only")
+        for source in inputs:
+            if source is not None and Path(source).exists() and os.path.samefile(path, source):
+                raise OutputError(f"{path}: is also an input of this command ({source}); "
+                                  "write the output elsewhere")
     return path
 
 
@@ -155,7 +183,7 @@ def output_lock(folder: str | os.PathLike) -> Iterator[Path]:
     however it exits (SIGKILL included), so a killed run never blocks the rerun."""
     import fcntl
 
-    folder = check_output_path(folder, folder=True)
+    folder = check_output_path(folder, folder=True, foreign_ok=True)  # callers checked it
     created = not folder.exists()
     folder.mkdir(parents=True, exist_ok=True)
     key = folder.resolve()

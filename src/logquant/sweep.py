@@ -202,7 +202,7 @@ def open_output(out: Path, manifest: dict, force: bool) -> list[dict]:
     A folder holding anything else (another sweep, unrelated files) is refused unless
     ``force``, which starts the sweep afresh there.
     """
-    check_output_path(out, folder=True)
+    check_output_path(out, folder=True, foreign_ok=True)  # its contents are checked here
     existing = sorted(p.name for p in out.iterdir()
                       if not p.name.startswith(".")) if out.is_dir() else []  # ours: lock, temps
     if existing and not force:

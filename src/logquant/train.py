@@ -13,6 +13,7 @@ import dataclasses
 import json
 import math
 import os
+import re
 import shutil
 import time
 from pathlib import Path
@@ -96,13 +97,32 @@ def save_checkpoint(directory: Path, model: nn.Module, opt: torch.optim.Optimize
     save_file(tensors, str(staging / "state.safetensors"))
     (staging / "state.json").write_text(json.dumps(record))
     final = directory / name
-    shutil.rmtree(final, ignore_errors=True)
+    if final.exists():
+        if final not in _own_checkpoints(directory).values():
+            raise TrainingError(f"{final}: exists and is not a logquant checkpoint; move it")
+        shutil.rmtree(final)
     os.replace(staging, final)
     write_text_atomic(directory / LATEST, name + "\n")
-    epochs = sorted(p for p in directory.glob("epoch-*") if p.is_dir())
-    for old in epochs[:-KEEP_CHECKPOINTS]:
-        shutil.rmtree(old, ignore_errors=True)
+    own = _own_checkpoints(directory)
+    for epoch in sorted(own)[:-KEEP_CHECKPOINTS]:  # by epoch number; only our own folders
+        if own[epoch] != final:
+            shutil.rmtree(own[epoch], ignore_errors=True)
     return final
+
+
+CHECKPOINT_FILES = {"state.safetensors", "state.json"}
+
+
+def _own_checkpoints(directory: Path) -> dict[int, Path]:
+    """Epoch -> folder of the checkpoints this code wrote: named exactly epoch-NNNN and
+    holding only its two files. Anything else in the folder is the user's: never deleted."""
+    own = {}
+    for entry in directory.iterdir():
+        match = re.fullmatch(r"epoch-(\d{4,9})", entry.name)
+        if match and entry.is_dir() and not entry.is_symlink() and \
+                {p.name for p in entry.iterdir()} <= CHECKPOINT_FILES:
+            own[int(match[1])] = entry
+    return own
 
 
 def load_checkpoint(directory: Path, model: nn.Module, opt: torch.optim.Optimizer,
