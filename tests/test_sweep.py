@@ -1,6 +1,8 @@
 """Sweeps: grids, honest selection, resumable output, refusal of foreign folders, report."""
 
+import gzip
 import json
+import shutil
 import subprocess
 import sys
 
@@ -113,6 +115,16 @@ def test_reproduce_writes_report_figures_and_data(capsys, small_fashion_dir, tmp
     assert {r["split"] for r in rows} == {"val", "test"}
     # a rerun of the same command finds every row done and rewrites the report
     assert main(argv) == 0
+    # the same command on other data is refused: its rows would mix with these
+    other = tmp_path / "other_data"
+    shutil.copytree(small_fashion_dir, other)
+    labels = other / "t10k-labels-idx1-ubyte.gz"
+    raw = bytearray(gzip.decompress(labels.read_bytes()))
+    raw[-1] = (raw[-1] + 1) % 10
+    labels.write_bytes(gzip.compress(bytes(raw)))
+    capsys.readouterr()
+    assert main([a if a != str(small_fashion_dir) else str(other) for a in argv]) == 2
+    assert "holds another sweep" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("argv, message", [

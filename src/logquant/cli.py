@@ -402,7 +402,7 @@ def _sweep_inputs(args: argparse.Namespace):
                 "checkpoint_sha256": file_sha256(weights) if weights else None,
                 "val_size": args.val_size, "calib_batches": args.calib_batches,
                 "batch_size": args.batch_size, "oracle": args.oracle,
-                "test_images": len(splits.test)}
+                "test_images": len(splits.test), "data_sha256": splits.fingerprint()}
     settings = SweepSettings(val_size=args.val_size, batch_size=args.batch_size,
                              calib_batches=args.calib_batches, device=str(device),
                              oracle=args.oracle)

@@ -235,6 +235,18 @@ class Splits:
     val: ImageDataset
     test: ImageDataset
 
+    def fingerprint(self) -> str:
+        """SHA-256 of every image, label and class name of the three splits: what a
+        resumed run compares, so that rows or epochs of two datasets never mix."""
+        import hashlib
+
+        h = hashlib.sha256()
+        for part in (self.train, self.val, self.test):
+            h.update(repr((part.classes, tuple(part.images.shape))).encode())
+            h.update(part.images.contiguous().numpy().tobytes())
+            h.update(part.labels.contiguous().numpy().tobytes())
+        return h.hexdigest()
+
 
 def _is_image_folder(directory: Path) -> bool:
     return (directory / "train").is_dir() or (directory / "test").is_dir()

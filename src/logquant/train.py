@@ -207,6 +207,7 @@ def train(model: nn.Module, splits: Splits, cfg: TrainConfig,
     steps_per_epoch = math.ceil(len(train_set) / cfg.batch_size)
     total = cfg.epochs * steps_per_epoch
     history, start_epoch, step = [], 0, 0
+    data_sha256 = splits.fingerprint() if checkpoint_dir is not None else None
     if resume:
         if checkpoint_dir is None or not (checkpoint_dir / LATEST).exists():
             raise TrainingError(f"--resume: no checkpoint in {checkpoint_dir}")
@@ -214,6 +215,9 @@ def train(model: nn.Module, splits: Splits, cfg: TrainConfig,
         if record["train_config"] != dataclasses.asdict(cfg):
             raise TrainingError(f"{checkpoint_dir}: was written with other settings "
                                 f"{record['train_config']}; resume with the same ones")
+        if record.get("data_sha256") not in (None, data_sha256):
+            raise TrainingError(f"{checkpoint_dir}: was trained on other data (another "
+                                "--data-dir?); resume on the same data")
         history, start_epoch, step = record["history"], record["epoch"], record["step"]
         log(f"resumed from {checkpoint_dir} after epoch {start_epoch}")
     net = model
@@ -276,7 +280,8 @@ def train(model: nn.Module, splits: Splits, cfg: TrainConfig,
             if checkpoint_dir is not None:
                 save_checkpoint(checkpoint_dir, model, opt, gen,
                                 {"epoch": epoch + 1, "step": step, "history": history,
-                                 "train_config": dataclasses.asdict(cfg)})
+                                 "train_config": dataclasses.asdict(cfg),
+                                 "data_sha256": data_sha256})
                 write_metrics(checkpoint_dir / "metrics.jsonl", history)
         barrier()
     return {"history": history, "train_seconds": round(time.time() - start, 1)}
