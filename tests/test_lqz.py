@@ -271,3 +271,21 @@ def test_near_constant_layer_is_packed_even_when_compressing(tmp_path):
     loaded = lqz.load(tmp_path / "m.lqz")
     assert loaded.ops[1]["weight_encoding"] == "packed"
     assert torch.equal(loaded.weights["c.weight"], codes)
+
+
+def test_a_small_file_asking_for_gigabytes_is_refused_when_planned(refcnn_export, tmp_path):
+    """A crafted conv with huge padding: the plan knows the sizes and refuses before any
+    run allocates them (the file is a few hundred KB)."""
+    from logquant.engine import Engine
+    from logquant.engine.plan import MAX_BYTES_PER_IMAGE, plan
+
+    _, _, path = refcnn_export
+    assert 0 < plan(lqz.load(path)).bytes_per_image < MAX_BYTES_PER_IMAGE
+
+    def pad_hugely(header):
+        conv = next(op for op in header["ops"] if op["op"] == "conv")
+        conv["padding"] = [1024, 1024]  # the largest the reader accepts
+
+    bad = _rewrite(path, tmp_path / "padded.lqz", pad_hugely)
+    with pytest.raises(LqzError, match="GiB of working memory per image"):
+        Engine(lqz.load(bad))

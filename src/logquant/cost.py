@@ -109,7 +109,8 @@ def cost_report(model: LqzModel, planned: Plan | None = None) -> dict[str, Any]:
         inputs = math.prod(p.values[layer.op["in"]].shape)
         rows.append(layer_cost(layer, inputs, p.values[out].shape))
     return {"layers": rows, "total": summarize(rows), "per": "image",
-            "energy_source": ENERGY_SOURCE, "energy_pj_table": PJ,
+            "engine_bytes_per_image": p.bytes_per_image, "energy_source": ENERGY_SOURCE,
+            "energy_pj_table": PJ,
             "assumptions": [SHIFT_ASSUMPTION, "adds linear and multiplies quadratic in width",
                             "each weight and activation bit read once from SRAM"]}
 
@@ -138,6 +139,8 @@ def format_report(report: dict[str, Any]) -> str:
                  f"{t['energy_vs_fp32']:.3f} x fp32, {t['energy_vs_int8']:.3f} x int8 "
                  f"(compute {t['energy_pj']['compute'] / 1e6:.3f} uJ, memory "
                  f"{t['energy_pj']['memory'] / 1e6:.3f} uJ)")
+    lines.append(f"integer engine working memory: about "
+                 f"{report['engine_bytes_per_image'] / 2**20:.1f} MiB per image (planned)")
     lines.append(f"energy table: {report['energy_source']}; assumed: "
                  + "; ".join(report["assumptions"]))
     return "\n".join(lines)

@@ -88,6 +88,15 @@ class Plan:
     layers: dict[str, LayerPlan]  # by op output name
     quantizers: dict[str, torch.Tensor]  # quantize op output -> int64 thresholds
     output: Value
+    bytes_per_image: int = 0  # planned peak working memory of one image (an upper estimate)
+
+
+# The engine's working memory for one image: the largest value (a padded conv input
+# included) in 8-byte integers, times the copies a layer holds at once (input, padded
+# input, digit planes, output). A file whose network needs more is refused when planned,
+# before any run allocates it: a few-KB file must not ask for gigabytes.
+WORKING_COPIES = 4
+MAX_BYTES_PER_IMAGE = 1 << 30
 
 
 def plan(model: LqzModel) -> Plan:
@@ -109,6 +118,7 @@ def plan(model: LqzModel) -> Plan:
                 continue
             x = values[op["in"]]
             if kind in ("conv", "linear"):
+                _check_memory(_padded_input_size(op, x) if kind == "conv" else 0)
                 layer = _layer(op, x, model)
                 layers[op["out"]] = layer
                 values[op["out"]] = _layer_output(op, x, layer)
@@ -151,14 +161,30 @@ def plan(model: LqzModel) -> Plan:
                     raise LqzError("the output must be the last linear layer's accumulator "
                                    "(integer logits)")
                 output = values[op["out"]] = x
+            _check_memory(math.prod(values[op["out"]].shape))
         except LqzError as exc:
             raise LqzError(f"{where}: {exc}") from None
+    largest = max(math.prod(v.shape) for v in values.values())
     for name, value in values.items():
         if not value.is_codes and value.bound >= 1 << MAX_ACC_BITS:
             raise LqzError(f"{name}: needs a {value.bound.bit_length() + 1}-bit accumulator; "
                            f"the engine holds {MAX_ACC_BITS + 1} bits (use fewer bits or "
                            "levels)")
-    return Plan(values, layers, quantizers, output)
+    return Plan(values, layers, quantizers, output, 8 * WORKING_COPIES * largest)
+
+
+def _check_memory(numbers: int) -> None:
+    """Refuse a value of ``numbers`` integers per image beyond the working-memory limit."""
+    needed = 8 * WORKING_COPIES * numbers
+    if needed > MAX_BYTES_PER_IMAGE:
+        raise LqzError(f"needs about {needed / 2**30:.1f} GiB of working memory per image "
+                       f"({numbers:,} numbers in one value); the engine's limit is "
+                       f"{MAX_BYTES_PER_IMAGE / 2**30:.0f} GiB")
+
+
+def _padded_input_size(op: dict, x: Value) -> int:
+    c, *spatial = x.shape
+    return c * math.prod(size + 2 * pad for size, pad in zip(spatial, op["padding"]))
 
 
 def to_accumulator(x: Value) -> Value:
