@@ -101,7 +101,8 @@ SWEEP = ["sweep", "--act-bits", "3", "--fsr-range", "0:1", "--val-size", "200",
 
 @pytest.mark.slow
 def test_sweep_killed_mid_run_resumes_to_the_uninterrupted_result_and_refuses_a_second(
-        small_fashion_dir, tmp_path, capsys):
+        small_fashion_dir, tmp_path, capsys, monkeypatch):
+    import logquant.data
     from logquant.cli import main
 
     common = [*SWEEP, "--data-dir", str(small_fashion_dir)]
@@ -116,7 +117,13 @@ def test_sweep_killed_mid_run_resumes_to_the_uninterrupted_result_and_refuses_a_
     assert proc.poll() is None, "the sweep finished before it could be interrupted"
     # a second sweep into the same folder, while the first runs: refused, nothing touched
     rows_before = (out / "sweep.csv").read_bytes()
-    assert main([*common, "--out", str(out)]) == 2
+
+    def no_work(*args, **kwargs):
+        raise AssertionError("the second sweep loaded data before it was refused")
+
+    with monkeypatch.context() as patch:  # the lock is taken first, before any work
+        patch.setattr(logquant.data, "load_splits", no_work)
+        assert main([*common, "--out", str(out)]) == 2
     assert "another logquant process" in capsys.readouterr().err
     _kill(proc)
     partial = read_rows(out / "sweep.csv")

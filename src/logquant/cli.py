@@ -389,11 +389,9 @@ def _fsr_range(text: str) -> tuple[int, int]:
 def _sweep_inputs(args: argparse.Namespace):
     """Data, model, output folder, manifest and settings shared by sweep and reproduce."""
     from logquant.data import load_splits
-    from logquant.io import check_output_path
     from logquant.models import BUNDLED_WEIGHTS
     from logquant.sweep import SWEEP_VERSION, SweepSettings, file_sha256
 
-    check_output_path(args.out, folder=True, foreign_ok=True)  # the sweep checks its contents
     device = _device(args.device)
     splits = load_splits(args.data_dir, args.image_size)
     model = _load_checked_model(args, splits, torch.device("cpu"))
@@ -412,14 +410,14 @@ def _sweep_inputs(args: argparse.Namespace):
 def cmd_sweep(args: argparse.Namespace, argv: list[str]) -> int:
     from logquant.sweep import default_fsr_range, paper_grid, prepare_sweep, run_sweep
 
-    splits, model, out, manifest, settings = _sweep_inputs(args)
-    prepared = prepare_sweep(model, splits, settings)
-    print(prepared.coverage(), file=sys.stderr)
-    fsr_range = args.fsr_range or default_fsr_range(prepared)
-    points = paper_grid(fsr_range, args.fsr_method, args.act_bits)
-    manifest.update(fsr_range=list(fsr_range), fsr_method=args.fsr_method,
-                    act_bits=list(args.act_bits), points=len(points))
-    with writer_lock(out):
+    with writer_lock(_sweep_folder(args)):  # first: a second sweep there is refused at once
+        splits, model, out, manifest, settings = _sweep_inputs(args)
+        prepared = prepare_sweep(model, splits, settings)
+        print(prepared.coverage(), file=sys.stderr)
+        fsr_range = args.fsr_range or default_fsr_range(prepared)
+        points = paper_grid(fsr_range, args.fsr_method, args.act_bits)
+        manifest.update(fsr_range=list(fsr_range), fsr_method=args.fsr_method,
+                        act_bits=list(args.act_bits), points=len(points))
         run_sweep(model, splits, points, out, manifest, settings, force=args.force,
                   progress=not args.no_progress, log=lambda m: print(m, file=sys.stderr),
                   prepared=prepared)
@@ -429,8 +427,8 @@ def cmd_sweep(args: argparse.Namespace, argv: list[str]) -> int:
 def cmd_reproduce(args: argparse.Namespace, argv: list[str]) -> int:
     from logquant.experiments import reproduce
 
-    splits, model, out, manifest, settings = _sweep_inputs(args)
-    with writer_lock(out):
+    with writer_lock(_sweep_folder(args)):
+        splits, model, out, manifest, settings = _sweep_inputs(args)
         summary = reproduce(model, splits, out, manifest, settings,
                             command="logquant " + shlex.join(argv), model_name=args.model,
                             fsr_range=args.fsr_range, method=args.fsr_method,
@@ -441,6 +439,12 @@ def cmd_reproduce(args: argparse.Namespace, argv: list[str]) -> int:
         print(summary)
         print(f"report: {out / 'REPORT.md'}")
     return 0
+
+
+def _sweep_folder(args: argparse.Namespace) -> Path:
+    from logquant.io import check_output_path
+
+    return check_output_path(args.out, folder=True, foreign_ok=True)  # the sweep checks it
 
 
 def cmd_train(args: argparse.Namespace, argv: list[str]) -> int:
