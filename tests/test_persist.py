@@ -111,7 +111,7 @@ def test_other_architectures_and_tampered_files_are_refused(saved, tmp_path):
                 {k: {**v, "type": "Conv2d"} for k, v in json.loads(m["layers"]).items()}))),
         "version": _rewrite(path, tmp_path / "e.safetensors",
                             edit_meta=lambda m: m.update(version="9")),
-        "not JSON": _rewrite(path, tmp_path / "f.safetensors",
+        "not valid JSON": _rewrite(path, tmp_path / "f.safetensors",
                              edit_meta=lambda m: m.update(layers="{" * 5000)),
         "has no FSR": _rewrite(path, tmp_path / "g.safetensors", edit_meta=lambda m: m.update(
             layers=json.dumps({**json.loads(m["layers"]), "features.3": {
