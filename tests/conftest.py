@@ -1,6 +1,7 @@
 """Shared fixtures. Tests that need Fashion-MNIST fail (never skip) when it is missing."""
 
 import gzip
+import importlib
 import os
 import sys
 
@@ -9,6 +10,18 @@ import pytest
 sys.path.insert(0, os.path.dirname(__file__))  # tests import the reference codecs directly
 
 from logquant.data import FASHION_FILES, load_splits, resolve_data_dir  # noqa: E402
+
+
+def require(module: str):
+    """Import an optional test dependency (a test extra): skip the test when it is missing on
+    a developer's machine, fail when the CI environment variable is set (CI installs
+    ``.[test]``, so a missing package there is a broken setup, not a reason to skip)."""
+    try:
+        return importlib.import_module(module)
+    except ImportError as exc:
+        if os.environ.get("CI"):
+            pytest.fail(f"{module} is required in CI (pip install -e '.[test]'): {exc}")
+        pytest.skip(f"{module} is not installed (pip install -e '.[test]')")
 
 
 @pytest.fixture(scope="session")
