@@ -13,7 +13,7 @@ from __future__ import annotations
 import sys
 import time
 import warnings
-from collections import defaultdict
+from collections import Counter, defaultdict
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -64,11 +64,8 @@ def run(model_ids: list[str]) -> list[dict]:
     return results
 
 
-def short_notes(result: dict) -> list[str]:
-    notes = list(result.get("notes", []))
-    if result.get("batchnorm_left"):
-        notes.append(f"{result['batchnorm_left']} BatchNorm unfolded")
-    return notes
+def batchnorm_note(classes: dict[str, int]) -> str:
+    return ", ".join(f"{count} {name}" for name, count in sorted(classes.items()))
 
 
 def markdown(results: list[dict], seconds: float) -> str:
@@ -90,6 +87,19 @@ def markdown(results: list[dict], seconds: float) -> str:
         f"{sum(r.get('quantized', 0) for r in results)} of "
         f"{sum(r.get('total', 0) for r in results)} conv/linear layers quantized.",
         "",
+        "Why a layer stays float with \"never ran on the calibration data\": its parent "
+        "computes with the layer's weight itself, so the layer's own forward never runs "
+        "(nn.MultiheadAttention's out_proj in the ViTs; the qkv and proj of torchvision's "
+        "ShiftedWindowAttention in Swin, which call F.linear with them), or it is used in "
+        "training only (googlenet's and inception_v3's auxiliary classifiers).",
+        "",
+        "Why a BatchNorm stays in float (it then runs between a quantized layer and the next "
+        "one's quantized input): only exact Conv1d/2d/3d or Linear -> BatchNorm1d/2d/3d pairs "
+        "are folded. timm's BatchNormAct2d (a BatchNorm2d subclass that also applies the "
+        "activation) is not; pre-activation BatchNorms (DenseNet, DPN, MaxViT's MBConv) have "
+        "no conv right before them; the BatchNorms of eval-unused auxiliary heads never "
+        "appear in the traced graph.",
+        "",
         "## By family",
         "",
         "| family | models | conv/linear quantized of total | notes |",
@@ -107,11 +117,16 @@ def markdown(results: list[dict], seconds: float) -> str:
         failed = [r["model"].split("/")[1] for r in group if "error" in r]
         if failed:
             notes.append(f"FAILED: {', '.join(failed)}")
-        floats = sorted({n for r in group for n in r.get("notes", [])})
-        notes += [f"float: {n}" for n in floats]
+        kinds: Counter[str] = Counter()
+        batchnorms: Counter[str] = Counter()
+        for r in group:
+            kinds.update(r.get("float_kinds", {}))
+            batchnorms.update(r.get("batchnorm_classes", {}))
+        notes += [f"float: {count} x {kind}" for kind, count in sorted(kinds.items())]
         unfolded = [r["model"].split("/")[1] for r in group if r.get("batchnorm_left")]
         if unfolded:
-            notes.append(f"BatchNorm partly unfolded in {', '.join(unfolded)}")
+            notes.append(f"BatchNorm left in float ({batchnorm_note(batchnorms)}) in "
+                         f"{len(unfolded)} of {len(group)}: {', '.join(unfolded)}")
         lines.append(f"| {name} | {models} | {quantized} of {total} | "
                      f"{'; '.join(notes) or '-'} |")
     lines += ["", "## By model", "",
@@ -127,7 +142,7 @@ def markdown(results: list[dict], seconds: float) -> str:
         formats = f"{c['conv_weights']} / {c['fc_weights']} / {c['acts']}"
         lines.append(f"| {r['model']} | {r['family']} | {r['input']} | {formats} | "
                      f"{r['quantized']} of {r['total']} | {r['conv']} | {r['linear']} | "
-                     f"{r['float']} | {r['batchnorm_left']} | "
+                     f"{r['float']} | {batchnorm_note(r['batchnorm_classes']) or 0} | "
                      f"{'; '.join(r['notes']) or '-'} |")
     lines += ["", f"Whole run: {seconds / 60:.1f} min, {torch.get_num_threads()} CPU "
               "thread(s).", ""]

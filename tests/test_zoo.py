@@ -261,13 +261,14 @@ def check_model(model_id: str, batch: int = 2) -> dict:
     kinds = Counter(f"{re.sub(r'[0-9]+', 'N', r['layer'])} ({r['type']}): {r['reason']}"
                     for r in floats)  # one note per kind of float layer, with its count
     notes = [f"{count} x {kind}" for kind, count in sorted(kinds.items())]
-    batchnorms = sum(isinstance(m, nn.modules.batchnorm._BatchNorm)
-                     for m in reference.modules())
+    batchnorms = Counter(type(m).__name__ for m in reference.modules()
+                         if isinstance(m, nn.modules.batchnorm._BatchNorm))
     return {"model": model_id, "family": family_of(model_id), "total": instances,
             "quantized": rows.quantized, "float": len(floats), "notes": notes,
+            "float_kinds": dict(kinds), "batchnorm_classes": dict(batchnorms),
             "conv": sum(r["kind"] == "conv" for r in rows),
             "linear": sum(r["kind"] == "fc" for r in rows),
-            "batchnorm_left": batchnorms, "config": config.to_dict(),
+            "batchnorm_left": sum(batchnorms.values()), "config": config.to_dict(),
             "warnings": sorted({str(w.message)[:120] for w in caught}),
             "seconds": round(time.perf_counter() - start, 1), "input": size}
 
