@@ -12,7 +12,7 @@ demo: setup
 	$(VENV)/bin/logquant reproduce --out runs/reproduce
 
 lint: setup
-	$(VENV)/bin/ruff check src tests benchmarks
+	$(VENV)/bin/ruff check src tests benchmarks scripts
 
 test-fast: setup
 	$(PY) -m pytest -q

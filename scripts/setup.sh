@@ -15,7 +15,7 @@ if ! "$VENV/bin/python" -c "import torch, torchvision" 2>/dev/null; then
   echo "setup: installing torch 2.14.1 + torchvision 0.29.1 (about 90 s)"
   "$VENV/bin/pip" install -q torch==2.14.1 torchvision==0.29.1
 fi
-if ! "$VENV/bin/python" -c "import logquant, pytest, hypothesis, ruff, onnx, onnxscript, onnxruntime" 2>/dev/null; then
+if ! "$VENV/bin/python" -c "import logquant, pytest, hypothesis, ruff, timm, onnx, onnxscript, onnxruntime" 2>/dev/null; then
   "$VENV/bin/pip" install -q -e ".[test]"
 fi
 

@@ -40,7 +40,8 @@ class TensorStats:
         flat = x.detach().reshape(-1).float().cpu()
         if flat.numel() == 0:
             return
-        finite = flat[torch.isfinite(flat)]
+        is_finite = torch.isfinite(flat)
+        finite = flat if bool(is_finite.all()) else flat[is_finite]  # masking: a slow copy
         if finite.numel():
             self.max_abs = max(self.max_abs, float(finite.abs().max()))
             self.min = min(self.min, float(finite.min()))

@@ -82,10 +82,10 @@ def warn_if_weights_vanish(name: str, weight: torch.Tensor, quantized: torch.Ten
     """Warn (QuantizationWarning) when almost every nonzero weight of a layer becomes zero:
     defined by the format, but usually an outlier that set the FSR far above the rest."""
     nonzero = weight != 0
-    count = int(nonzero.sum())
+    count = int(torch.count_nonzero(nonzero))
     if count == 0:
         return
-    share = int((quantized[nonzero] == 0).sum()) / count
+    share = int(torch.count_nonzero((quantized == 0) & nonzero)) / count  # no masked copy
     if share >= VANISHING_SHARE:
         peak = float(weight.abs().max())
         levels = fmt.with_fsr(FSR_MIN).levels().abs()
