@@ -51,3 +51,21 @@ def test_concurrent_calls_equal_serial_calls(compiled):
     differ = sum(not torch.equal(results[t][i], serial[(t + i) % len(inputs)])
                  for t in range(THREADS) for i in range(CALLS))
     assert differ == 0, f"{differ} of {THREADS * CALLS} concurrent calls differ from serial"
+
+
+def test_scratch_reuse_is_exact_across_modes_and_sizes():
+    """Layer inputs are quantized into a per-thread reusable buffer in inference: results
+    equal the allocating path whatever the order of sizes, no_grad / inference_mode, and
+    autograd never sees the buffer."""
+    torch.manual_seed(1)
+    qmodel = quantize_model(RefCNN().eval(), QuantConfig(acts="log4"), torch.randn(32, 1, 28, 28))
+    inputs = [torch.randn(n, 1, 28, 28) for n in (8, 2, 16, 8)]
+    with torch.enable_grad():  # the allocating path: autograd records, no scratch
+        expected = [qmodel(x).detach() for x in inputs]
+    for context in (torch.no_grad, torch.inference_mode, torch.no_grad):
+        with context():
+            got = [qmodel(x) for x in inputs]
+        assert all(torch.equal(g, e) for g, e in zip(got, expected))
+    x = torch.randn(8, 1, 28, 28, requires_grad=True)
+    qmodel(x).sum().backward()  # the quantized inputs autograd saved were not overwritten
+    assert x.grad is not None and torch.isfinite(x.grad).all()

