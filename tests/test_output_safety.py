@@ -67,3 +67,37 @@ def test_checkpoint_rotation_deletes_only_its_own_folders(tmp_path):
     assert names == sorted(["LATEST", "epoch-0000-mine", "epoch-0001", *kept])
     assert all((folder / "data.txt").read_text() == "user data" for folder in mine)
     assert (tmp_path / "LATEST").read_text().strip() == "epoch-0005"
+
+
+def test_vectors_folder_is_replaced_whole_and_never_with_user_files(capsys, fashion, tmp_path,
+                                                                    refcnn_export):
+    """A rerun of vectors into its own folder leaves exactly the new set (no stale files of
+    another layer); a folder of vectors where the user added a file, or another logquant
+    output, is refused before any work; a failed run leaves the old set untouched."""
+    lqz_path = str(refcnn_export[2])
+    layers = [op["name"] for op in refcnn_export[0].layer_ops()]
+    out = tmp_path / "vec"
+    assert _run(capsys, "vectors", lqz_path, "--layer", layers[1], "--count", "1",
+                "--out", str(out))[0] == 0
+    first = sorted(os.listdir(out))
+    assert "output_codes.hex" in first
+    code, _ = _run(capsys, "vectors", lqz_path, "--layer", layers[-1], "--count", "1",
+                   "--out", str(out))  # the last layer: no quantize follows it
+    assert code == 0
+    files = sorted(os.listdir(out))
+    assert "output_codes.hex" not in files and set(files) < set(first) | {"output_codes.hex"}
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["vec"]  # no staging left behind
+    before = {name: (out / name).read_bytes() for name in files}
+    code, err = _run(capsys, "vectors", lqz_path, "--layer", "nope", "--out", str(out))
+    assert code == 2 and {n: (out / n).read_bytes() for n in os.listdir(out)} == before
+    (out / "notes.txt").write_text("mine")
+    code, err = _run(capsys, "vectors", lqz_path, "--layer", layers[1], "--out", str(out))
+    assert code == 2 and "not logquant test vectors" in err
+    assert (out / "notes.txt").read_text() == "mine" and len(err.strip().splitlines()) == 1
+    sweep_like = tmp_path / "other"
+    sweep_like.mkdir()
+    (sweep_like / ".logquant.lock").touch()
+    (sweep_like / "sweep.csv").write_text("rows")
+    code, err = _run(capsys, "vectors", lqz_path, "--layer", layers[1], "--out",
+                     str(sweep_like))
+    assert code == 2 and (sweep_like / "sweep.csv").read_text() == "rows"

@@ -284,14 +284,13 @@ def cmd_cost(args: argparse.Namespace, argv: list[str]) -> int:
 
 def cmd_vectors(args: argparse.Namespace, argv: list[str]) -> int:
     from logquant.engine import Engine
-    from logquant.io import check_output_path, output_lock
+    from logquant.io import check_output_path
     from logquant.vectors import write_vectors
 
     out = check_output_path(args.out, folder=True)
     engine = Engine(_load(args.lqz))
     images, _ = _images(args, engine.plan.output.shape[0])
-    with output_lock(out):
-        manifest = write_vectors(engine, images, args.layer, out)
+    manifest = write_vectors(engine, images, args.layer, out)  # staged: replaced whole
     files = ", ".join(manifest["files"])
     print(f"{args.out}: vectors of {args.layer} for {len(images)} images ({files}; "
           f"manifest.json, vectors.npz)", file=sys.stdout)

@@ -8,7 +8,7 @@ import glob
 import json
 import os
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import torch
@@ -118,9 +118,7 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     os.close(fd)
     try:
         yield Path(tmp)
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes 0600; give the usual permissions
+        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600; give the usual permissions
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):
@@ -215,6 +213,50 @@ def output_lock(folder: str | os.PathLike) -> Iterator[Path]:
                 folder.rmdir()
         fcntl.flock(fd, fcntl.LOCK_UN)
         os.close(fd)  # otherwise the file stays: unlinking it races with another opener
+
+
+@contextlib.contextmanager
+def staged_folder(path: str | os.PathLike, kind: str,
+                  is_kind: Callable[[Path], bool]) -> Iterator[Path]:
+    """Yield a new temporary folder beside ``path`` to write a multi-file output into; on
+    success it replaces ``path`` whole, so readers see the old set of files or the new
+    one, never a mixture or stale files beside new ones. An existing ``path`` is replaced
+    only if it is empty or ``is_kind(path)`` (a ``kind`` output logquant wrote); otherwise
+    OutputError before any work. On failure the staged files are removed and ``path`` is
+    untouched. Two processes writing the same ``path`` at once: one wins whole, the other
+    gets OutputError."""
+    import shutil
+
+    path = Path(path)
+    if path.is_dir() and any(True for _ in os.scandir(path)) and not is_kind(path):
+        raise OutputError(f"{path}: holds files that are not logquant {kind}; choose a new "
+                          "or empty folder")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    stage = Path(tempfile.mkdtemp(prefix=f".{path.name}.{os.getpid()}.", suffix=".partial",
+                                  dir=path.parent))
+    try:
+        yield stage
+        (stage / LOCK_FILE).touch()  # marks the folder as logquant's (check_output_path)
+        os.chmod(stage, 0o777 & ~_umask())  # mkdtemp makes 0700
+        old = stage.with_suffix(".old")
+        if path.is_dir():
+            os.rename(path, old)
+        try:
+            os.rename(stage, path)
+        except OSError:
+            if old.exists() and not path.exists():
+                os.rename(old, path)
+            raise OutputError(f"{path}: another process wrote it at the same time; "
+                              "rerun") from None
+        shutil.rmtree(old, ignore_errors=True)
+    finally:
+        shutil.rmtree(stage, ignore_errors=True)
+
+
+def _umask() -> int:
+    umask = os.umask(0)
+    os.umask(umask)
+    return umask
 
 
 def write_text_atomic(path: str | os.PathLike, text: str) -> None:

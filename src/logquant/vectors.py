@@ -11,6 +11,7 @@ and, where a quantize op follows the layer (through ReLUs), ``output_codes.hex``
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 from typing import Any
 
@@ -18,7 +19,8 @@ import numpy as np
 import torch
 
 from logquant.engine import Engine
-from logquant.io import atomic_path, write_text_atomic
+from logquant.errors import LogquantError
+from logquant.io import LOCK_FILE, parse_json, staged_folder
 from logquant.lqz import LqzError
 
 
@@ -41,12 +43,28 @@ def _following_quantize(ops: list[dict], out: str) -> dict | None:
 
 def write_vectors(engine: Engine, images: torch.Tensor, layer: str, out_dir: str | Path
                   ) -> dict[str, Any]:
-    """Run ``images`` and write the vectors of ``layer``; returns the manifest."""
+    """Run ``images`` and write the vectors of ``layer`` into the folder ``out_dir`` (new,
+    empty, or vectors written before: replaced whole); returns the manifest."""
     ops = engine.model.ops
     op = next((o for o in ops if o["op"] in ("conv", "linear") and o["name"] == layer), None)
     if op is None:
         names = ", ".join(o["name"] for o in engine.model.layer_ops())
         raise LqzError(f"no layer {layer!r} in this .lqz file; its layers are: {names}")
+    with staged_folder(out_dir, "test vectors", _is_vectors_folder) as stage:
+        manifest, arrays = _layer_vectors(engine, images, op)
+        for name, (tensor, bits) in arrays.items():
+            (stage / f"{name}.hex").write_text(_hex_lines(tensor, bits))
+        with open(stage / "vectors.npz", "wb") as f:
+            np.savez(f, **{name: t.numpy() for name, (t, _) in arrays.items()})
+        (stage / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")
+    return manifest
+
+
+def _layer_vectors(engine: Engine, images: torch.Tensor, op: dict
+                   ) -> tuple[dict[str, Any], dict[str, tuple[torch.Tensor, int]]]:
+    """(manifest, {file name: (integer array, bits)}) of one conv/linear op."""
+    ops = engine.model.ops
+    layer = op["name"]
     result = engine.run(images, trace=True)
     plan = engine.plan.layers[op["out"]]
     follow = _following_quantize(ops, op["out"])
@@ -62,8 +80,6 @@ def write_vectors(engine: Engine, images: torch.Tensor, layer: str, out_dir: str
     if follow is not None:
         arrays["output_codes"] = (result.codes[follow["out"]], engine.plan.values[
             follow["out"]].fmt.bits)
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
     manifest = {
         "layer": layer, "op": {k: v for k, v in op.items() if k not in ("in", "out")},
         "images": len(images),
@@ -79,9 +95,16 @@ def write_vectors(engine: Engine, images: torch.Tensor, layer: str, out_dir: str
                          else "unsigned codes (sign-magnitude formats: sign bit = MSB)"}
                   for name, (t, bits) in arrays.items()},
     }
-    for name, (tensor, bits) in arrays.items():
-        write_text_atomic(out_dir / f"{name}.hex", _hex_lines(tensor, bits))
-    with atomic_path(out_dir / "vectors.npz") as tmp, open(tmp, "wb") as f:
-        np.savez(f, **{name: t.numpy() for name, (t, _) in arrays.items()})
-    write_text_atomic(out_dir / "manifest.json", json.dumps(manifest, indent=2) + "\n")
-    return manifest
+    return manifest, arrays
+
+
+def _is_vectors_folder(folder: Path) -> bool:
+    """Whether ``folder`` holds test vectors written before and nothing else (its manifest
+    says so and lists every file there), so that replacing it loses nothing of the user's."""
+    try:
+        manifest = parse_json((folder / "manifest.json").read_bytes(), "manifest.json")
+        files = manifest["files"]
+        ours = {LOCK_FILE, "manifest.json", "vectors.npz", *(f["hex"] for f in files.values())}
+        return "accumulator_exponent" in manifest and set(os.listdir(folder)) <= ours
+    except (OSError, LogquantError, KeyError, TypeError, AttributeError):
+        return False
