@@ -123,3 +123,54 @@ def test_hostile_idx_files_are_refused_in_bounded_memory(tmp_path):
         assert peak < 32 << 20, f"{name}: {peak:,} bytes allocated before the refusal"
     (tmp_path / "good.gz").write_bytes(good)
     assert read_idx(tmp_path / "good.gz").shape == (100, 28, 28)
+
+
+def _png(width: int, height: int, data: bytes) -> bytes:
+    """A PNG file built by hand: any declared size, any pixel data (valid or not)."""
+    import struct
+    import zlib
+
+    def chunk(kind: bytes, body: bytes) -> bytes:
+        return (struct.pack(">I", len(body)) + kind + body
+                + struct.pack(">I", zlib.crc32(kind + body)))
+
+    header = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
+    return (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header)
+            + chunk(b"IDAT", zlib.compress(data)) + chunk(b"IEND", b""))
+
+
+def _flip(content: bytes, at: int) -> bytes:
+    return content[:at] + bytes([content[at] ^ 0xFF]) + content[at + 1:]
+
+
+def test_hostile_images_are_one_data_error_before_decoding(tmp_path):
+    """A decompression bomb (huge declared size) is refused from its header; truncated,
+    corrupt or mislabelled files are one DataError naming the file, whatever Pillow raises."""
+    import time
+
+    from PIL import Image
+
+    from logquant.data import IMAGE_PIXELS_MAX, load_image_folder
+
+    good = tmp_path / "good.png"
+    noise = np.random.default_rng(0).integers(0, 255, (32, 32, 3), dtype=np.uint8)
+    Image.fromarray(noise).save(good)
+    row = b"\x00" + bytes(8 * 3)
+    side = int(IMAGE_PIXELS_MAX ** 0.5) + 1
+    cases = {
+        "bomb.png": (_png(side, side, row), "pixel limit"),
+        "wide.png": (_png(2**31 - 1, 1, row), "pixel limit"),
+        "truncated.png": (good.read_bytes()[:len(good.read_bytes()) // 2], "not a readable image"),
+        "text.jpg": (b"GIF89a" + bytes(10), "not a readable image"),
+        "flipped.png": (_flip(good.read_bytes(), 100), "not a readable image"),
+        "bad_header.png": (_flip(good.read_bytes(), 20), "not a readable image"),
+    }
+    for name, (content, message) in cases.items():
+        folder = tmp_path / name / "cls"
+        folder.mkdir(parents=True)
+        (folder / name).write_bytes(content)
+        start = time.perf_counter()
+        with pytest.raises(DataError, match=f"{name}.*{message}") as info:
+            load_image_folder(tmp_path / name, size=8)
+        assert "\n" not in str(info.value)
+        assert time.perf_counter() - start < 10, f"{name}: decoded before refusing"

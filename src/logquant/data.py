@@ -185,13 +185,14 @@ def train_val_split(train: ImageDataset, val_size: int = VALIDATION_SIZE,
 # Image folders (ImageNet style: root/<class>/<image>)
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff"}
+IMAGE_PIXELS_MAX = 64_000_000  # per image, read from its header before decoding: no bombs
 
 
 def load_image_folder(root: str | os.PathLike, size: int, channels: int = 3,
                       mean: tuple[float, ...] | None = None,
                       std: tuple[float, ...] | None = None) -> ImageDataset:
     """Images under ``root/<class>/`` resized (shorter side, then center crop) to ``size``."""
-    from PIL import Image, UnidentifiedImageError
+    from PIL import Image
 
     root = Path(root)
     classes = sorted(p.name for p in root.iterdir() if p.is_dir()) if root.is_dir() else []
@@ -207,6 +208,9 @@ def load_image_folder(root: str | os.PathLike, size: int, channels: int = 3,
                 continue
             try:
                 with Image.open(path) as img:
+                    if img.width * img.height > IMAGE_PIXELS_MAX:
+                        raise DataError(f"{path}: {img.width} x {img.height} pixels exceeds "
+                                        f"the {IMAGE_PIXELS_MAX:,}-pixel limit per image")
                     img = img.convert(mode)
                     scale = size / min(img.size)
                     img = img.resize((max(size, round(img.width * scale)),
@@ -214,8 +218,15 @@ def load_image_folder(root: str | os.PathLike, size: int, channels: int = 3,
                     left, top = (img.width - size) // 2, (img.height - size) // 2
                     img = img.crop((left, top, left + size, top + size))
                     array = np.asarray(img, dtype=np.uint8).reshape(size, size, channels)
-            except (UnidentifiedImageError, OSError) as exc:
-                raise DataError(f"{path}: not a readable image ({exc})") from None
+            except DataError:
+                raise
+            except Image.DecompressionBombError:  # Pillow's own check, at open
+                raise DataError(f"{path}: its declared size exceeds the "
+                                f"{IMAGE_PIXELS_MAX:,}-pixel limit per image") from None
+            except Exception as exc:  # noqa: BLE001 - any decoder failure on untrusted bytes
+                # (Pillow raises OSError, SyntaxError, ValueError, DecompressionBombError...)
+                reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+                raise DataError(f"{path}: not a readable image ({reason})") from None
             images.append(torch.from_numpy(array.copy()).permute(2, 0, 1))
             labels.append(label)
     if not images:
