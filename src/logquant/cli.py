@@ -443,8 +443,11 @@ def cmd_reproduce(args: argparse.Namespace, argv: list[str]) -> int:
 
 def _sweep_folder(args: argparse.Namespace) -> Path:
     from logquant.io import check_output_path
+    from logquant.sweep import refuse_foreign_folder
 
-    return check_output_path(args.out, folder=True, foreign_ok=True)  # the sweep checks it
+    out = check_output_path(args.out, folder=True, foreign_ok=True)  # the sweep checks it
+    refuse_foreign_folder(out, args.force)
+    return out
 
 
 def cmd_train(args: argparse.Namespace, argv: list[str]) -> int:

@@ -290,4 +290,12 @@ def load_splits(data_dir: str | os.PathLike | None = None, image_size: int = 224
         return Splits(train, val, test)
     full = load_fashion_mnist("train", directory)
     train, val = train_val_split(full, min(val_size, max(1, len(full) // 10)))
-    return Splits(train, val, load_fashion_mnist("test", directory))
+    test = load_fashion_mnist("test", directory)
+    if test.images.shape[1:] != full.images.shape[1:]:
+        raise DataError(f"{directory}: test images are {_shape_text(test)}, training images "
+                        f"{_shape_text(full)}; a model takes one size")
+    return Splits(train, val, test)
+
+
+def _shape_text(dataset: ImageDataset) -> str:
+    return " x ".join(str(n) for n in dataset.images.shape[1:])

@@ -291,16 +291,30 @@ def read_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
             return load_file(str(path))
         except (SafetensorError, OSError, ValueError) as exc:
             raise CheckpointError(f"{path}: not a valid safetensors file ({exc})") from None
+    import warnings
+
     try:
-        obj = torch.load(path, map_location="cpu", weights_only=True)
+        with warnings.catch_warnings():  # torch's notes on pickle protocols: not the user's
+            warnings.simplefilter("ignore")
+            obj = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # weights_only refuses pickled code; report it as bad input
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise CheckpointError(f"{path}: not a loadable weights file ({first})") from None
+        raise CheckpointError(f"{path}: not a loadable weights file ({_load_failure(exc)}); "
+                              "logquant reads tensors only, never pickled code: save the "
+                              "state_dict with safetensors") from None
     if isinstance(obj, dict) and "state_dict" in obj and isinstance(obj["state_dict"], dict):
         obj = obj["state_dict"]
     if not isinstance(obj, dict) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
         raise CheckpointError(f"{path}: expected a state_dict of tensors")
     return obj
+
+
+def _load_failure(exc: Exception) -> str:
+    """The line of torch.load's message that says what is wrong (not its advice to load
+    with weights_only=False, which would run the file's code)."""
+    lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+    reason = next((line for line in lines if line.startswith("Unsupported")),
+                  lines[0] if len(lines) == 1 else "not a state_dict of tensors")
+    return reason[:200]
 
 
 def read_metadata(path: str | os.PathLike) -> dict[str, str]:

@@ -196,6 +196,28 @@ def file_sha256(path: str | os.PathLike) -> str:
     return digest.hexdigest()
 
 
+def _foreign_entries(out: Path) -> list[str]:
+    """Names in ``out`` (ours aside: lock, temporaries) when it is not a sweep's folder."""
+    existing = sorted(p.name for p in out.iterdir()
+                      if not p.name.startswith(".")) if out.is_dir() else []
+    if not existing:
+        return []
+    try:
+        previous = read_json(out / MANIFEST_FILE)
+    except LogquantError:
+        return existing
+    return [] if isinstance(previous, dict) and "version" in previous else existing
+
+
+def refuse_foreign_folder(out: Path, force: bool) -> None:
+    """Before any work: a folder of other files than a sweep's is refused unless ``force``
+    (whether an earlier sweep there is the same sweep is decided by ``open_output``)."""
+    foreign = _foreign_entries(out)
+    if foreign and not force:
+        raise SweepError(f"--out {out}: holds other files ({', '.join(foreign[:3])}); pass "
+                         "--force to overwrite, or choose another folder")
+
+
 def open_output(out: Path, manifest: dict, force: bool) -> list[dict]:
     """Prepare ``out`` for this sweep; return the rows of an earlier run of the same sweep.
 

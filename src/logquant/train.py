@@ -132,6 +132,9 @@ def load_checkpoint(directory: Path, model: nn.Module, opt: torch.optim.Optimize
 
     try:
         name = (directory / LATEST).read_text().strip()
+        if not re.fullmatch(r"epoch-\d{4,9}", name):  # never a path out of the folder
+            raise TrainingError(f"{directory / LATEST}: names {name[:40]!r}, not one of "
+                                "logquant's epoch-NNNN checkpoints")
         record = read_json(directory / name / "state.json", "checkpoint state")
         tensors = load_file(str(directory / name / "state.safetensors"))
     except (OSError, ValueError) as exc:  # JsonError is a ValueError too
