@@ -150,7 +150,8 @@ def test_hostile_images_are_one_data_error_before_decoding(tmp_path):
 
     from PIL import Image
 
-    from logquant.data import IMAGE_PIXELS_MAX, load_image_folder
+    from logquant.data import load_image_folder
+    from logquant.imagefolder import IMAGE_PIXELS_MAX
 
     good = tmp_path / "good.png"
     noise = np.random.default_rng(0).integers(0, 255, (32, 32, 3), dtype=np.uint8)

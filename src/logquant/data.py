@@ -14,7 +14,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from logquant.errors import LogquantError
+from logquant.errors import DataError
+from logquant.imagefolder import ImageFolder, normalize
 
 DEFAULT_FASHION_DIR = "/usr/share/datasets/fashion-mnist"
 DATA_DIR_ENV = "LOGQUANT_DATA_DIR"
@@ -28,10 +29,6 @@ FASHION_CLASSES = ("T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sanda
 FASHION_MEAN, FASHION_STD = (0.2860,), (0.3530,)
 VALIDATION_SIZE = 5000
 SPLIT_SEED = 20160303  # the paper's arXiv month; fixed so every command sees the same split
-
-
-class DataError(LogquantError):
-    """A missing or malformed dataset file."""
 
 
 @dataclasses.dataclass
@@ -52,9 +49,7 @@ class ImageDataset:
 
     def normalize(self, images: torch.Tensor) -> torch.Tensor:
         """uint8 (N, C, H, W) -> normalized float32, as the models expect."""
-        mean = torch.tensor(self.mean, device=images.device).view(1, -1, 1, 1)
-        std = torch.tensor(self.std, device=images.device).view(1, -1, 1, 1)
-        return (images.float() / 255.0 - mean) / std
+        return normalize(images, self.mean, self.std)
 
     def batches(self, batch_size: int, device: str | torch.device = "cpu"):
         """Yield normalized (inputs, labels) batches in order."""
@@ -184,58 +179,19 @@ def train_val_split(train: ImageDataset, val_size: int = VALIDATION_SIZE,
 # ----------------------------------------------------------------------------------------
 # Image folders (ImageNet style: root/<class>/<image>)
 
-IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff"}
-IMAGE_PIXELS_MAX = 64_000_000  # per image, read from its header before decoding: no bombs
-
-
 def load_image_folder(root: str | os.PathLike, size: int, channels: int = 3,
                       mean: tuple[float, ...] | None = None,
                       std: tuple[float, ...] | None = None) -> ImageDataset:
-    """Images under ``root/<class>/`` resized (shorter side, then center crop) to ``size``."""
-    from PIL import Image
-
-    root = Path(root)
-    classes = sorted(p.name for p in root.iterdir() if p.is_dir()) if root.is_dir() else []
-    if not classes:
-        raise DataError(f"{root}: expected an image folder with one subfolder per class")
-    mode = {1: "L", 3: "RGB"}.get(channels)
-    if mode is None:
-        raise DataError(f"image folder: channels must be 1 or 3, got {channels}")
-    images, labels = [], []
-    for label, name in enumerate(classes):
-        for path in sorted((root / name).iterdir()):
-            if path.suffix.lower() not in IMAGE_SUFFIXES:
-                continue
-            try:
-                with Image.open(path) as img:
-                    if img.width * img.height > IMAGE_PIXELS_MAX:
-                        raise DataError(f"{path}: {img.width} x {img.height} pixels exceeds "
-                                        f"the {IMAGE_PIXELS_MAX:,}-pixel limit per image")
-                    img = img.convert(mode)
-                    scale = size / min(img.size)
-                    img = img.resize((max(size, round(img.width * scale)),
-                                      max(size, round(img.height * scale))))
-                    left, top = (img.width - size) // 2, (img.height - size) // 2
-                    img = img.crop((left, top, left + size, top + size))
-                    array = np.asarray(img, dtype=np.uint8).reshape(size, size, channels)
-            except DataError:
-                raise
-            except Image.DecompressionBombError:  # Pillow's own check, at open
-                raise DataError(f"{path}: its declared size exceeds the "
-                                f"{IMAGE_PIXELS_MAX:,}-pixel limit per image") from None
-            except Exception as exc:  # noqa: BLE001 - any decoder failure on untrusted bytes
-                # (Pillow raises OSError, SyntaxError, ValueError, DecompressionBombError...)
-                reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-                raise DataError(f"{path}: not a readable image ({reason})") from None
-            images.append(torch.from_numpy(array.copy()).permute(2, 0, 1))
-            labels.append(label)
-    if not images:
-        raise DataError(f"{root}: no images found (suffixes {sorted(IMAGE_SUFFIXES)})")
-    stack = torch.stack(images)
+    """Images under ``root/<class>/`` decoded into memory: short side resized to ``size``,
+    then center-cropped to ``size``. ``mean``/``std`` default to the folder's own."""
+    folder = ImageFolder.scan(root, size, resize=size, channels=channels,
+                              mean=mean or (0.0,) * channels, std=std or (1.0,) * channels)
+    dataset = folder.load()
     if mean is None or std is None:  # statistics of the folder itself
-        flat = stack.float().div(255).transpose(0, 1).reshape(channels, -1)
-        mean, std = tuple(flat.mean(1).tolist()), tuple(flat.std(1).clamp_min(1e-6).tolist())
-    return ImageDataset(stack, torch.tensor(labels), tuple(mean), tuple(std), tuple(classes))
+        flat = dataset.images.float().div(255).transpose(0, 1).reshape(channels, -1)
+        dataset.mean = tuple(flat.mean(1).tolist())
+        dataset.std = tuple(flat.std(1).clamp_min(1e-6).tolist())
+    return dataset
 
 
 @dataclasses.dataclass

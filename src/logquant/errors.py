@@ -8,6 +8,10 @@ class LogquantError(ValueError):
     """
 
 
+class DataError(LogquantError):
+    """A missing or malformed dataset file (IDX, image folder, image)."""
+
+
 class QuantizationWarning(UserWarning):
     """A result that is defined but probably not what the user wants (e.g. an outlier that
     sets a layer's range so that almost every weight quantizes to zero)."""
