@@ -7,7 +7,9 @@ import dataclasses
 import torch
 from torch import nn
 
-from logquant.data import ImageDataset
+from logquant.config import QuantConfig
+from logquant.coverage import LayerTable
+from logquant.data import ImageDataset, Splits
 from logquant.errors import LogquantError
 
 
@@ -53,12 +55,14 @@ def evaluate(model: nn.Module, dataset: ImageDataset, batch_size: int = 500,
     return Accuracy(100.0 * correct1 / n, 100.0 * correct5 / n, n)
 
 
-def evaluate_config(model: nn.Module, splits, config, *, split: str = "test",
-                    quantized: str | None = None, save_quantized: str | None = None,
+def evaluate_config(model: nn.Module, splits: Splits, config: QuantConfig, *,
+                    split: str = "test", quantized: str | None = None,
+                    save_quantized: str | None = None,
                     calib_batches: int = 8, batch_size: int = 500,
-                    device: str | torch.device = "cpu", progress: bool = False):
+                    device: str | torch.device = "cpu", progress: bool = False
+                    ) -> tuple[Accuracy, LayerTable]:
     """``model`` with the formats and FSRs of the file ``quantized`` (from
-    ``save_quantized``), else quantized by ``config`` (a QuantConfig; calibrated on
+    ``save_quantized``), else quantized by ``config`` (calibrated on
     ``calib_batches`` validation batches) unless it is float, measured on ``split`` of
     ``splits``; also written to ``save_quantized`` when given. Returns the accuracy and
     the per-layer table (:func:`logquant.coverage.describe`)."""

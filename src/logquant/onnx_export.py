@@ -17,6 +17,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from logquant.config import QuantConfig
+from logquant.data import Splits
 from logquant.errors import LogquantError
 from logquant.io import atomic_path
 
@@ -51,11 +53,11 @@ def export_onnx(qmodel: nn.Module, example_input: torch.Tensor, path: str | os.P
     return path
 
 
-def quantize_and_export_onnx(model: nn.Module, config, splits, path: str | os.PathLike, *,
-                             calib_batches: int = 8, batch_size: int = 500,
-                             log=print) -> Path:
+def quantize_and_export_onnx(model: nn.Module, config: QuantConfig, splits: Splits,
+                             path: str | os.PathLike, *, calib_batches: int = 8,
+                             batch_size: int = 500, log=print) -> Path:
     """What ``eval`` would evaluate, as ONNX: ``model`` quantized by ``config`` (a
-    QuantConfig, calibrated on ``splits``' validation batches), or a quantization-aware
+    calibrated on ``splits``' validation batches), or a quantization-aware
     model as it is (then ``config`` must be float); ``log`` gets the coverage line."""
     from logquant.convert import describe, is_quantized, quantize_model
 

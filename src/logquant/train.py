@@ -22,6 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from logquant.config import QuantConfig
 from logquant.data import ImageDataset, Splits
 from logquant.distributed import barrier, init_distributed
 from logquant.errors import LogquantError
@@ -291,15 +292,16 @@ def write_metrics(path: Path, history: list[dict]) -> None:
     write_text_atomic(path, "".join(json.dumps(r) + "\n" for r in history))
 
 
-def train_to_file(model_name: str, splits: Splits, config, cfg: TrainConfig,
+def train_to_file(model_name: str, splits: Splits, config: QuantConfig, cfg: TrainConfig,
                   device: torch.device, out: Path, checkpoint_dir: Path, *,
                   init: str | None = None, fold_bn: bool = False, clip_ste: bool = False,
                   eval_batch_size: int = 500, resume: bool = False, command: str = "",
                   progress: bool = True, log=print) -> dict | None:
     """One training run of ``logquant train``: a fresh ``model_name`` (or ``init``'s
-    weights), made quantization-aware when ``config`` (a QuantConfig) quantizes anything,
-    trained with checkpoints in ``checkpoint_dir`` (locked), measured on test, written to
-    ``out`` (weights, with the QAT record ``load_model`` reads) and ``out``'s ``.json``.
+    weights), made quantization-aware when ``config`` quantizes anything (calibrated on
+    validation batches of ``eval_batch_size``), trained with checkpoints in
+    ``checkpoint_dir`` (locked), measured on test, written to ``out`` (weights, with the QAT
+    record ``load_model`` reads) and ``out``'s ``.json``.
 
     Returns that JSON record; None on the processes of rank > 0 (only rank 0 writes)."""
     from logquant.coverage import describe
