@@ -196,7 +196,7 @@ def test_torchvision_model_on_an_image_folder(capsys, tmp_path):
 
 
 def test_internal_errors_are_one_line_with_exit_1_and_debug_shows_them(capsys, monkeypatch):
-    import logquant.cli as cli_module
+    import logquant.cli.evaluate as cli_module
 
     def broken(args, argv):
         raise KeyError("a bug")

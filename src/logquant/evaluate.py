@@ -7,7 +7,9 @@ import dataclasses
 import torch
 from torch import nn
 
-from logquant.data import ImageDataset
+from logquant.config import QuantConfig
+from logquant.coverage import LayerTable
+from logquant.data import ImageDataset, Splits
 from logquant.errors import LogquantError
 
 
@@ -51,3 +53,31 @@ def evaluate(model: nn.Module, dataset: ImageDataset, batch_size: int = 500,
         correct5 += int(hits.any(dim=1).sum())
     n = len(dataset)
     return Accuracy(100.0 * correct1 / n, 100.0 * correct5 / n, n)
+
+
+def evaluate_config(model: nn.Module, splits: Splits, config: QuantConfig, *,
+                    split: str = "test", quantized: str | None = None,
+                    save_quantized: str | None = None,
+                    calib_batches: int = 8, batch_size: int = 500,
+                    device: str | torch.device = "cpu", progress: bool = False
+                    ) -> tuple[Accuracy, LayerTable]:
+    """``model`` with the formats and FSRs of the file ``quantized`` (from
+    ``save_quantized``), else quantized by ``config`` (calibrated on
+    ``calib_batches`` validation batches) unless it is float, measured on ``split`` of
+    ``splits``; also written to ``save_quantized`` when given. Returns the accuracy and
+    the per-layer table (:func:`logquant.coverage.describe`)."""
+    from logquant.convert import describe, quantize_model
+    from logquant.persist import load_quantized
+    from logquant.persist import save_quantized as save
+
+    if quantized:
+        model = load_quantized(model, quantized)
+    elif not config.is_float:
+        model = quantize_model(model, config, splits.val.batches(batch_size, device),
+                               num_batches=calib_batches)
+    layers = describe(model)
+    if save_quantized:
+        if layers.quantized == 0:
+            raise LogquantError("--save-quantized: nothing is quantized; give formats")
+        save(model, save_quantized)
+    return evaluate(model, getattr(splits, split), batch_size, device, progress=progress), layers

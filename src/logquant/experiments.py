@@ -16,11 +16,8 @@ from logquant.plots import accuracy_vs_fsr, histograms, weights_bars
 from logquant.report import headline, render, summarize, verdicts
 from logquant.sweep import (
     SweepSettings,
-    default_fsr_range,
-    paper_grid,
-    prepare_sweep,
+    paper_sweep,
     process_rank,
-    run_sweep,
 )
 
 FIGURES = {"fsr": "figures/accuracy_vs_fsr.png", "hist": "figures/histograms.png",
@@ -57,14 +54,10 @@ def reproduce(model: torch.nn.Module, splits: Splits, out: Path, manifest: dict,
     """Run the paper grid into ``out``, draw the figures, write REPORT.md; return the
     terminal summary."""
     start = time.time()
-    calibration = prepare_sweep(model, splits, settings)  # shared with the sweep itself
-    log(calibration.coverage())
-    fsr_range = fsr_range or default_fsr_range(calibration)
-    points = paper_grid(fsr_range, method, act_bits)
-    manifest = {**manifest, "fsr_range": list(fsr_range), "fsr_method": method,
-                "act_bits": list(act_bits), "points": len(points)}
-    rows = run_sweep(model, splits, points, out, manifest, settings, force=force,
-                     progress=progress, log=log, prepared=calibration)
+    rows, calibration, fsr_range = paper_sweep(model, splits, out, manifest, settings,
+                                               fsr_range=fsr_range, method=method,
+                                               act_bits=act_bits, force=force,
+                                               progress=progress, log=log)
     if process_rank() != 0:
         return ""
     summary = summarize(rows)

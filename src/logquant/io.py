@@ -259,6 +259,15 @@ def _umask() -> int:
     return umask
 
 
+def writer_lock(out: str | os.PathLike) -> contextlib.AbstractContextManager:
+    """The :func:`output_lock` of ``out`` on the process that writes it (rank 0 under
+    torchrun; the other ranks only compute), so that a second run into ``out`` is refused."""
+    from logquant.distributed import init_distributed
+
+    rank, _ = init_distributed()
+    return output_lock(out) if rank == 0 else contextlib.nullcontext()
+
+
 def write_text_atomic(path: str | os.PathLike, text: str) -> None:
     with atomic_path(path) as tmp:
         tmp.write_text(text)

@@ -113,6 +113,29 @@ def load_model(name: str, checkpoint: str | Path | None = None, num_classes: int
     return load_weights(model, checkpoint).eval()
 
 
+def load_checked_model(name: str, checkpoint: str | Path | None, splits,
+                       device: torch.device) -> nn.Module:
+    """The model with its weights (:func:`load_model`) sized for ``splits`` (a
+    :class:`~logquant.data.Splits`), after one tiny forward pass proves it fits the data."""
+    from logquant.convert import check_finite
+
+    model = load_model(name, checkpoint, len(splits.train.classes),
+                       splits.train.images.shape[1]).to(device)
+    check_finite(model)
+    probe = splits.val.normalize(splits.val.images[:2].to(device))
+    try:
+        with torch.no_grad():
+            out = model(probe)
+    except Exception as exc:  # any shape/dtype mismatch between model and data
+        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+        raise ModelError(f"--model {name} cannot run on this data (inputs of shape "
+                         f"{tuple(probe.shape)}): {first}") from None
+    if out.ndim != 2 or out.shape[1] < len(splits.train.classes):
+        raise ModelError(f"--model {name} returns shape {tuple(out.shape)}; expected "
+                         f"(batch, {len(splits.train.classes)}) logits")
+    return model
+
+
 def _qat_config(checkpoint: str | Path):
     """(QuantConfig, fold_bn) recorded by quantization-aware training, if any."""
     from logquant.config import QuantConfig

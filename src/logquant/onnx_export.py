@@ -17,6 +17,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from logquant.config import QuantConfig
+from logquant.data import Splits
 from logquant.errors import LogquantError
 from logquant.io import atomic_path
 
@@ -49,3 +51,23 @@ def export_onnx(qmodel: nn.Module, example_input: torch.Tensor, path: str | os.P
     with atomic_path(path) as tmp:
         program.save(str(tmp))
     return path
+
+
+def quantize_and_export_onnx(model: nn.Module, config: QuantConfig, splits: Splits,
+                             path: str | os.PathLike, *, calib_batches: int = 8,
+                             batch_size: int = 500, log=print) -> Path:
+    """What ``eval`` would evaluate, as ONNX: ``model`` quantized by ``config`` (a
+    calibrated on ``splits``' validation batches), or a quantization-aware
+    model as it is (then ``config`` must be float); ``log`` gets the coverage line."""
+    from logquant.convert import describe, is_quantized, quantize_model
+
+    if not is_quantized(model):
+        if config.is_float:
+            raise LogquantError("export needs formats: pass --weights and --acts (or --config)")
+        model = quantize_model(model, config, splits.val.batches(batch_size),
+                               num_batches=calib_batches)
+    elif not config.is_float:
+        raise LogquantError("the model was trained quantization-aware: it carries its "
+                            "formats; export it without format flags")
+    log(describe(model).summary())
+    return export_onnx(model, splits.val.normalize(splits.val.images[:2]), path)

@@ -25,6 +25,7 @@ import dataclasses
 import math
 import time
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -33,7 +34,7 @@ from torch import nn
 from logquant.config import QuantConfig
 from logquant.convert import PreparedModel
 from logquant.cost import op_cost, summarize
-from logquant.data import ImageDataset
+from logquant.data import ImageDataset, Splits
 from logquant.engine.plan import MAX_ACC_BITS, accumulator_bits
 from logquant.errors import LogquantError
 from logquant.evaluate import evaluate
@@ -43,6 +44,11 @@ OBJECTIVES = ("energy", "bits")
 START = "lin8"
 WEIGHT_FAMILIES, ACT_FAMILIES, BITS = FAMILIES, ("linear", "log2"), range(2, 9)
 ACC_HEADROOM = 2  # bits kept free for the bias in the engine's accumulators
+# Uniform configurations a search result is compared with: the sweeps' paper-grid
+# combinations and plain ones
+REFERENCES = [("log3", "log3"), ("log4", "log4"), ("log5", "log5"), ("lin4", "lin4"),
+              ("lin8", "lin8"), ("logsqrt2-5", "log4"), ("logsqrt2-4", "log3"),
+              ("log4", "log3"), ("logsqrt2-4", "logsqrt2-3"), ("lin4", "lin3")]
 
 
 class SearchError(LogquantError):
@@ -264,3 +270,64 @@ def describe_formats(config: QuantConfig, prepared: PreparedModel) -> list[dict[
 def _name(fmt: Format | None) -> str:
     return "float" if fmt is None else fmt.name
 
+
+@dataclasses.dataclass
+class SearchRun:
+    """What :func:`search_to_folder` found and wrote."""
+
+    search: Search
+    result: SearchResult
+    summary: dict[str, Any]  # the contents of search.json
+
+
+def search_to_folder(model: nn.Module, splits: Splits, out: Path, *, objective: str = "energy",
+                     budget: float = 0.5, val_size: int = 5000, sensitivity_size: int = 1000,
+                     max_evals: int = 120, bits: tuple[int, ...] = tuple(BITS),
+                     calib_batches: int = 4, batch_size: int = 1000,
+                     log: Callable[[str], None] = lambda m: None,
+                     about: dict[str, Any] | None = None) -> SearchRun:
+    """The whole ``logquant search``: :func:`run_search` on the first ``val_size``
+    validation images, then every configuration of ``REFERENCES`` and PyTorch's int8 PTQ
+    measured the same way, the result's test accuracy measured once, and ``out`` written:
+    config.json (the configuration), search.json (everything, plus ``about``), pareto.png.
+    """
+    from logquant.baselines import pytorch_int8
+    from logquant.io import write_json_atomic
+    from logquant.nn import QuantizedLayer
+    from logquant.plots import search_pareto
+
+    if any(isinstance(m, QuantizedLayer) for m in model.modules()):
+        raise SearchError("search starts from a float model; this checkpoint was trained "
+                          "quantization-aware")
+    val = splits.val.subset(torch.arange(min(val_size, len(splits.val))))
+    float_val = evaluate(model, val, batch_size).top1
+    search = Search(model, splits.val.batches(250), val, objective,
+                    num_batches=calib_batches, batch_size=batch_size, bits=bits)
+    result = run_search(search, budget, float_val, sensitivity_size=sensitivity_size,
+                        max_evals=max_evals, log=log)
+    references = []
+    for weights, acts in REFERENCES:
+        config = QuantConfig(conv_weights=weights, fc_weights=weights, acts=acts)
+        references.append({"name": f"{weights}/{acts}", "objective": search.objective(config),
+                           "val_top1": search.accuracy(config, val),
+                           "runs_on_engine": search.fits_engine(config)})
+    int8 = pytorch_int8(model, splits.val.subset(torch.arange(min(2000, len(splits.val)))))
+    lin8_rows = search.cost_rows(QuantConfig(conv_weights="lin8", fc_weights="lin8",
+                                             acts="lin8"))
+    int8_objective = (sum(r["energy_pj"]["int8_total"] for r in lin8_rows)
+                      if objective == "energy" else
+                      float(sum(r["weight_bits"] + r["activation_bits_in"] for r in lin8_rows)))
+    references.append({"name": "PyTorch int8 PTQ", "objective": int8_objective,
+                       "val_top1": evaluate(int8, val, batch_size).top1,
+                       "runs_on_engine": False})
+    test_top1 = evaluate(search.prepared.apply(result.config), splits.test,
+                         batch_size).top1  # measured once, after the search
+    at_least_as_accurate = [r for r in references if r["val_top1"] >= result.val_top1]
+    beaten = all(r["objective"] > result.objective for r in at_least_as_accurate)
+    summary = {**result.as_dict(), "test_top1": test_top1, "references": references,
+               "beats_every_reference_at_least_as_accurate": beaten, **(about or {}),
+               "val_images": len(val)}
+    write_json_atomic(out / "config.json", result.config.to_dict())
+    write_json_atomic(out / "search.json", summary)
+    search_pareto(summary, references, out / "pareto.png")
+    return SearchRun(search, result, summary)

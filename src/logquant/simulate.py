@@ -80,3 +80,12 @@ def simulate(model: LqzModel, images: torch.Tensor) -> SimulationResult:
         if kind in ("relu", "flatten", "maxpool") and op["in"] in formats:
             formats[out] = formats[op["in"]]  # still codes of that format
     return SimulationResult(logits, codes)
+
+
+def mismatches(model: LqzModel, images: torch.Tensor, result) -> dict[str, int]:
+    """How many activation codes and logits of an engine ``result`` (run on ``images``
+    with ``trace=True``) differ from this simulation's."""
+    sim = simulate(model, images)
+    return {"codes": sum(int((result.codes[k].long() != sim.codes[k].long()).sum())
+                         for k in sim.codes),
+            "logits": int((result.values() != sim.logits).sum())}

@@ -260,6 +260,20 @@ class SweepSettings:
     oracle: bool = False  # also measure every global-FSR point on the test split
 
 
+def sweep_manifest(command: str, model_name: str, checkpoint: str | os.PathLike | None,
+                   splits: Splits, settings: SweepSettings) -> dict[str, Any]:
+    """What identifies a sweep's inputs (stored as ``manifest.json``): an output folder
+    holding another manifest is another sweep, never resumed into."""
+    from logquant.models import BUNDLED_WEIGHTS, REFERENCE_MODEL
+
+    weights = checkpoint or (BUNDLED_WEIGHTS if model_name == REFERENCE_MODEL else None)
+    return {"version": SWEEP_VERSION, "command": command, "model": model_name,
+            "checkpoint_sha256": file_sha256(weights) if weights else None,
+            "val_size": settings.val_size, "calib_batches": settings.calib_batches,
+            "batch_size": settings.batch_size, "oracle": settings.oracle,
+            "test_images": len(splits.test), "data_sha256": splits.fingerprint()}
+
+
 def process_rank() -> int:
     """This process's rank under torchrun (0 when not distributed)."""
     return init_distributed()[0]
@@ -335,3 +349,22 @@ def run_sweep(model: torch.nn.Module, splits: Splits, points: list[Point], out: 
         write_json_atomic(out / "sweep.json", {"manifest": manifest, "rows": rows})
         log(f"{len(rows)} rows in {out / ROWS_FILE}")
     return rows
+
+
+def paper_sweep(model: torch.nn.Module, splits: Splits, out: Path, manifest: dict,
+                settings: SweepSettings, *, fsr_range: tuple[int, int] | None = None,
+                method: str = "mse", act_bits: tuple[int, ...] = (3, 4, 5),
+                force: bool = False, progress: bool = True,
+                log: Callable[[str], None] = print
+                ) -> tuple[list[dict], PreparedModel, tuple[int, int]]:
+    """Calibrate once, then run :func:`paper_grid` (over ``fsr_range``, by default
+    :func:`default_fsr_range`) into ``out``; return the rows, the calibration and the range."""
+    prepared = prepare_sweep(model, splits, settings)
+    log(prepared.coverage())
+    fsr_range = fsr_range or default_fsr_range(prepared)
+    points = paper_grid(fsr_range, method, act_bits)
+    manifest = {**manifest, "fsr_range": list(fsr_range), "fsr_method": method,
+                "act_bits": list(act_bits), "points": len(points)}
+    rows = run_sweep(model, splits, points, out, manifest, settings, force=force,
+                     progress=progress, log=log, prepared=prepared)
+    return rows, prepared, fsr_range

@@ -22,6 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from logquant.config import QuantConfig
 from logquant.data import ImageDataset, Splits
 from logquant.distributed import barrier, init_distributed
 from logquant.errors import LogquantError
@@ -292,3 +293,52 @@ def train(model: nn.Module, splits: Splits, cfg: TrainConfig,
 
 def write_metrics(path: Path, history: list[dict]) -> None:
     write_text_atomic(path, "".join(json.dumps(r) + "\n" for r in history))
+
+
+def train_to_file(model_name: str, splits: Splits, config: QuantConfig, cfg: TrainConfig,
+                  device: torch.device, out: Path, checkpoint_dir: Path, *,
+                  init: str | None = None, fold_bn: bool = False, clip_ste: bool = False,
+                  eval_batch_size: int = 500, resume: bool = False, command: str = "",
+                  progress: bool = True, log=print) -> dict | None:
+    """One training run of ``logquant train``: a fresh ``model_name`` (or ``init``'s
+    weights), made quantization-aware when ``config`` quantizes anything (calibrated on
+    validation batches of ``eval_batch_size``), trained with checkpoints in
+    ``checkpoint_dir`` (locked), measured on test, written to ``out`` (weights, with the QAT
+    record ``load_model`` reads) and ``out``'s ``.json``.
+
+    Returns that JSON record; None on the processes of rank > 0 (only rank 0 writes)."""
+    from logquant.coverage import describe
+    from logquant.io import load_weights, save_weights, write_json_atomic, writer_lock
+    from logquant.models import create_model
+    from logquant.qat import prepare_qat
+
+    rank, _ = init_distributed()
+    if device.type == "cuda" and torch.cuda.device_count() > 1:
+        device = torch.device("cuda", rank % torch.cuda.device_count())
+    torch.manual_seed(cfg.seed)
+    model = create_model(model_name, num_classes=len(splits.train.classes),
+                         in_channels=splits.train.images.shape[1])
+    if init:
+        load_weights(model, init)
+    quantized = not config.is_float or config.grads is not None
+    if quantized:
+        model = prepare_qat(model, config, splits.val.batches(eval_batch_size),
+                            fold_bn=fold_bn, clip_ste=clip_ste)
+        log(describe(model).summary())
+    with writer_lock(checkpoint_dir):  # one training run per checkpoint folder
+        summary = train(model, splits, cfg, device, checkpoint_dir=checkpoint_dir,
+                        resume=resume, progress=progress, log=log)
+    if rank != 0:
+        return None
+    test = evaluate(model, splits.test, eval_batch_size, device)
+    metadata = {"command": command, "seed": str(cfg.seed), "model": model_name,
+                "test_top1": f"{test.top1:.2f}"}
+    if quantized:
+        metadata["logquant_qat"] = json.dumps(config.to_dict())
+        metadata["fold_bn"] = str(int(fold_bn))
+    model.cpu()
+    save_weights(model, out, metadata=metadata)
+    record = {"command": command, "model": model_name, "config": config.to_dict(),
+              "train_config": dataclasses.asdict(cfg), "test": test.as_dict(), **summary}
+    write_json_atomic(out.with_suffix(".json"), record)
+    return record
