@@ -282,6 +282,14 @@ def argument_cases():
         "bits_unicode": (["eval", "--weights", "log\u0664"], "log"),
         "fsr_unicode": (["eval", "--weights", "log4@fsr\u0661"], "log4"),
         "bits_many_digits": (["eval", "--weights", "log" + "9" * 5000], "log"),
+        # options a command would not use are refused, not ignored
+        "image_size_with_idx": (["eval", "--image-size", "64"], "applies to image folders"),
+        "export_device": (["export", "--weights", "log4", "--acts", "log4", "--device", "cuda",
+                           "--out", "{w}/m.lqz"], "export computes on the CPU"),
+        "search_device": (["search", "--device", "cuda:0", "--out", "{w}/s"],
+                          "search computes on the CPU"),
+        "percentile_unused": (["eval", "--weights", "log4", "--percentile", "99"],
+                              "--percentile applies"),
     }
 
 

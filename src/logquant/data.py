@@ -215,7 +215,8 @@ class Splits:
         return h.hexdigest()
 
 
-def _is_image_folder(directory: Path) -> bool:
+def is_image_folder(directory: Path) -> bool:
+    """Whether ``directory`` is an image folder (train/ or test/ of classes), not IDX files."""
     return (directory / "train").is_dir() or (directory / "test").is_dir()
 
 
@@ -225,7 +226,7 @@ def load_splits(data_dir: str | os.PathLike | None = None, image_size: int = 224
     optional) of class subfolders. Validation is carved from train: ``val_size`` images, or
     a tenth of train when that is smaller."""
     directory = resolve_data_dir(data_dir)
-    if _is_image_folder(directory):
+    if is_image_folder(directory):
         missing = [p for p in ("train", "test") if not (directory / p).is_dir()]
         if missing:
             raise DataError(f"{directory}: image folder lacks {', '.join(missing)}/")

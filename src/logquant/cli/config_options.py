@@ -82,4 +82,9 @@ def config_from_args(args: argparse.Namespace) -> QuantConfig:
         name, parts = _parse_layer_override(text)
         overrides[name] = parts
     base["overrides"] = overrides
-    return QuantConfig.from_dict(base)
+    config = QuantConfig.from_dict(base)
+    if args.percentile is not None and "percentile" not in (config.weight_fsr, config.act_fsr):
+        raise LogquantError("--percentile applies with --fsr-method percentile (or "
+                            "--weight-fsr / --act-fsr percentile); drop it or choose that "
+                            "method")
+    return config

@@ -9,7 +9,13 @@ from pathlib import Path
 import torch
 
 from logquant.cli.config_options import add_format_args, config_from_args
-from logquant.cli.options import add_common, command_line, positive_int
+from logquant.cli.options import (
+    add_common,
+    command_line,
+    load_data,
+    positive_int,
+    refuse_device,
+)
 from logquant.errors import LogquantError
 
 
@@ -102,17 +108,17 @@ def _network(args: argparse.Namespace):
 
 
 def cmd_export(args: argparse.Namespace, argv: list[str]) -> int:
-    from logquant.data import load_splits
     from logquant.deploy import coding_summary, export_lqz
     from logquant.io import check_output_path
     from logquant.models import load_checked_model
 
+    refuse_device(args, "export")
     check_output_path(args.out, suffixes=(f".{args.file_format}",),
                       inputs=(args.checkpoint, args.config))
     config = config_from_args(args)
     if args.file_format == "onnx":
         return _export_onnx(args, config)
-    splits = load_splits(args.data_dir, args.image_size)
+    splits = load_data(args)
     model = load_checked_model(args.model, args.checkpoint, splits, torch.device("cpu"))
     exported = export_lqz(model, config, splits, args.out, calib_batches=args.calib_batches,
                           batch_size=args.batch_size, compress=args.compress,
@@ -132,7 +138,6 @@ def cmd_export(args: argparse.Namespace, argv: list[str]) -> int:
 
 def _export_onnx(args: argparse.Namespace, config) -> int:
     """``export --format onnx``: the model ``eval`` would quantize, as an ONNX file."""
-    from logquant.data import load_splits
     from logquant.models import load_checked_model
     from logquant.onnx_export import quantize_and_export_onnx
 
@@ -140,7 +145,7 @@ def _export_onnx(args: argparse.Namespace, config) -> int:
         raise LogquantError("--compress applies to .lqz files only")
     if not args.out.endswith(".onnx"):
         raise LogquantError(f"--out {args.out}: the file name must end in .onnx")
-    splits = load_splits(args.data_dir, args.image_size)
+    splits = load_data(args)
     model = load_checked_model(args.model, args.checkpoint, splits, torch.device("cpu"))
     quantize_and_export_onnx(model, config, splits, args.out, batch_size=args.batch_size,
                              calib_batches=args.calib_batches)

@@ -6,7 +6,7 @@ import argparse
 import json
 
 from logquant.cli.config_options import add_format_args, config_from_args
-from logquant.cli.options import add_common, device, positive_int
+from logquant.cli.options import add_common, device, load_data, positive_int
 from logquant.errors import LogquantError
 
 
@@ -31,7 +31,6 @@ def add_commands(sub) -> None:
 
 
 def cmd_eval(args: argparse.Namespace, argv: list[str]) -> int:
-    from logquant.data import load_splits
     from logquant.evaluate import evaluate_config
     from logquant.io import check_output_path
     from logquant.models import load_checked_model
@@ -43,7 +42,7 @@ def cmd_eval(args: argparse.Namespace, argv: list[str]) -> int:
         check_output_path(args.save_quantized, suffixes=(".safetensors",),
                           inputs=(args.checkpoint, args.quantized, args.config))
     where = device(args.device)
-    splits = load_splits(args.data_dir, args.image_size)
+    splits = load_data(args)
     model = load_checked_model(args.model, args.checkpoint, splits, where)
     acc, layers = evaluate_config(model, splits, config, split=args.split,
                                   quantized=args.quantized, save_quantized=args.save_quantized,

@@ -82,8 +82,33 @@ def add_common(p: argparse.ArgumentParser) -> None:
                         "default $LOGQUANT_DATA_DIR or /usr/share/datasets/fashion-mnist")
     p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ...")
     p.add_argument("--batch-size", type=positive_int, default=500, help="evaluation batch")
-    p.add_argument("--image-size", type=image_size, default=224,
-                   help="image-folder data only: side of the square crop")
+    p.add_argument("--image-size", type=image_size, default=None,
+                   help="image-folder data only: side of the square crop (default 224)")
+
+
+def load_data(args: argparse.Namespace):
+    """The splits ``--data-dir`` names. ``--image-size`` applies to image folders only: with
+    IDX files (fixed 28 x 28 images) it is refused rather than ignored."""
+    from logquant.data import is_image_folder, load_splits, resolve_data_dir
+
+    size = getattr(args, "image_size", None)
+    if size is not None and not is_image_folder(resolve_data_dir(args.data_dir)):
+        raise LogquantError(f"--image-size applies to image folders; "
+                            f"{resolve_data_dir(args.data_dir)} holds IDX files (28 x 28 "
+                            "images): drop --image-size")
+    return load_splits(args.data_dir, size or 224)
+
+
+def refuse_device(args: argparse.Namespace, command: str) -> None:
+    """Commands that compute on the CPU only refuse another ``--device`` instead of
+    ignoring it."""
+    try:
+        kind = torch.device(args.device).type
+    except RuntimeError:  # not a device name at all
+        kind = None
+    if kind != "cpu":
+        raise LogquantError(f"--device {args.device}: {command} computes on the CPU; drop "
+                            "--device")
 
 
 def device(name: str) -> torch.device:

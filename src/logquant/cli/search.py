@@ -6,7 +6,15 @@ import argparse
 
 import torch
 
-from logquant.cli.options import add_common, bit_list, command_line, log, positive_int
+from logquant.cli.options import (
+    add_common,
+    bit_list,
+    command_line,
+    load_data,
+    log,
+    positive_int,
+    refuse_device,
+)
 
 
 def _budget(text: str) -> float:
@@ -47,14 +55,14 @@ def add_commands(sub) -> None:
 
 def cmd_search(args: argparse.Namespace, argv: list[str]) -> int:
     from logquant.coverage import describe
-    from logquant.data import load_splits
     from logquant.io import check_output_path, output_lock
     from logquant.models import load_checked_model
     from logquant.search import search_to_folder
 
+    refuse_device(args, "search")
     out = check_output_path(args.out, folder=True)
     with output_lock(out):  # held throughout: a second search there is refused at once
-        splits = load_splits(args.data_dir, args.image_size)
+        splits = load_data(args)
         model = load_checked_model(args.model, args.checkpoint, splits, torch.device("cpu"))
         run = search_to_folder(model, splits, out, objective=args.objective,
                                budget=args.budget, val_size=args.val_size,

@@ -10,6 +10,7 @@ from logquant.cli.options import (
     bit_list,
     command_line,
     device,
+    load_data,
     log,
     positive_int,
 )
@@ -63,12 +64,11 @@ def _inputs(args: argparse.Namespace):
     """Data, model, manifest and settings shared by sweep and reproduce."""
     import torch
 
-    from logquant.data import load_splits
     from logquant.models import load_checked_model
     from logquant.sweep import SweepSettings, sweep_manifest
 
     where = device(args.device)
-    splits = load_splits(args.data_dir, args.image_size)
+    splits = load_data(args)
     model = load_checked_model(args.model, args.checkpoint, splits, torch.device("cpu"))
     settings = SweepSettings(val_size=args.val_size, batch_size=args.batch_size,
                              calib_batches=args.calib_batches, device=str(where),

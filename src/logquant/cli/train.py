@@ -11,6 +11,7 @@ from logquant.cli.options import (
     add_common,
     command_line,
     device,
+    load_data,
     log,
     positive_int,
     seed,
@@ -65,7 +66,6 @@ def add_reproduce_training(sub) -> None:
 
 
 def cmd_train(args: argparse.Namespace, argv: list[str]) -> int:
-    from logquant.data import load_splits
     from logquant.io import check_output_path
     from logquant.train import TrainConfig, train_to_file
 
@@ -78,7 +78,7 @@ def cmd_train(args: argparse.Namespace, argv: list[str]) -> int:
         config = dataclasses.replace(config, grads=args.grads)
         config = type(config).from_dict(config.to_dict())  # validates the grads format
     where = device(args.device)
-    splits = load_splits(args.data_dir, args.image_size)
+    splits = load_data(args)
     cfg = TrainConfig(epochs=args.epochs, batch_size=args.train_batch_size, lr=args.lr,
                       seed=args.seed, warmup_epochs=args.warmup_epochs,
                       test_each_epoch=args.test_each_epoch)
