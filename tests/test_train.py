@@ -67,6 +67,22 @@ def test_resume_ends_with_the_same_weights(small, tmp_path):
               checkpoint_dir=tmp_path / "b", resume=True, progress=False, log=lambda m: None)
 
 
+def test_resume_of_another_run_is_refused_naming_what_differs(small, tmp_path):
+    """The run's identity (model, starting weights, formats) is in every checkpoint: a
+    resume with another one is refused instead of silently continuing the first run."""
+    cfg = TrainConfig(epochs=1, batch_size=1024, seed=1)
+    identity = {"model": "refcnn", "init_sha256": "a" * 64, "config": {"acts": "log4"}}
+    train(_qat_model(), small, cfg, checkpoint_dir=tmp_path, progress=False,
+          log=lambda m: None, identity=identity)
+    other = {**identity, "init_sha256": "b" * 64}
+    with pytest.raises(TrainingError, match=r"another run \(init_sha256 differ\)"):
+        train(_qat_model(), small, cfg, checkpoint_dir=tmp_path, resume=True,
+              progress=False, log=lambda m: None, identity=other)
+    summary = train(_qat_model(), small, cfg, checkpoint_dir=tmp_path, resume=True,
+                    progress=False, log=lambda m: None, identity=identity)
+    assert [r["epoch"] for r in summary["history"]] == [1]  # the same run: nothing left
+
+
 class _Diverging(RefCNN):
     steps = 0
 

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import csv
 import dataclasses
-import hashlib
 import io
 import os
 from collections.abc import Callable, Iterable
@@ -28,7 +27,13 @@ from logquant.distributed import broadcast_object, gather_lists, init_distribute
 from logquant.errors import LogquantError
 from logquant.evaluate import evaluate
 from logquant.formats import FAMILIES, family_format, parse_format
-from logquant.io import check_output_path, read_json, write_json_atomic, write_text_atomic
+from logquant.io import (
+    check_output_path,
+    file_sha256,
+    read_json,
+    write_json_atomic,
+    write_text_atomic,
+)
 
 SWEEP_VERSION = 2  # 2: no wall-clock column, so equal sweeps give identical files
 ROWS_FILE = "sweep.csv"
@@ -186,14 +191,6 @@ def _write_rows(path: Path, rows: list[dict]) -> None:
     writer.writeheader()
     writer.writerows(rows)
     write_text_atomic(path, buffer.getvalue())
-
-
-def file_sha256(path: str | os.PathLike) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def _foreign_entries(out: Path) -> list[str]:

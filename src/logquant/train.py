@@ -194,8 +194,12 @@ def _lr_at(step: int, total: int, warmup: int, peak: float) -> float:
 
 def train(model: nn.Module, splits: Splits, cfg: TrainConfig,
           device: str | torch.device = "cpu", *, checkpoint_dir: Path | None = None,
-          resume: bool = False, progress: bool = True, log=print) -> dict:
-    """Train ``model`` in place; return the summary (per-epoch metrics, timings)."""
+          resume: bool = False, progress: bool = True, log=print,
+          identity: dict | None = None) -> dict:
+    """Train ``model`` in place; return the summary (per-epoch metrics, timings).
+
+    ``identity`` (JSON values: model, starting weights' SHA-256, formats...) is recorded in
+    each checkpoint; a resume whose identity differs is refused, as one on other data is."""
     from tqdm import tqdm
 
     rank, world = init_distributed()
@@ -222,6 +226,14 @@ def train(model: nn.Module, splits: Splits, cfg: TrainConfig,
         if record.get("data_sha256") not in (None, data_sha256):
             raise TrainingError(f"{checkpoint_dir}: was trained on other data (another "
                                 "--data-dir?); resume on the same data")
+        previous = record.get("identity")
+        if previous is not None and previous != identity:
+            before = previous if isinstance(previous, dict) else {"identity": previous}
+            now = identity or {}
+            differ = sorted(k for k in {*before, *now} if before.get(k) != now.get(k))
+            raise TrainingError(f"{checkpoint_dir}: was written for another run ("
+                                f"{', '.join(differ)} differ); resume with the same model, "
+                                "starting weights and formats")
         history, start_epoch, step = record["history"], record["epoch"], record["step"]
         log(f"resumed from {checkpoint_dir} after epoch {start_epoch}")
     net = model
@@ -285,7 +297,7 @@ def train(model: nn.Module, splits: Splits, cfg: TrainConfig,
                 save_checkpoint(checkpoint_dir, model, opt, gen,
                                 {"epoch": epoch + 1, "step": step, "history": history,
                                  "train_config": dataclasses.asdict(cfg),
-                                 "data_sha256": data_sha256})
+                                 "data_sha256": data_sha256, "identity": identity})
                 write_metrics(checkpoint_dir / "metrics.jsonl", history)
         barrier()
     return {"history": history, "train_seconds": round(time.time() - start, 1)}
@@ -308,7 +320,13 @@ def train_to_file(model_name: str, splits: Splits, config: QuantConfig, cfg: Tra
 
     Returns that JSON record; None on the processes of rank > 0 (only rank 0 writes)."""
     from logquant.coverage import describe
-    from logquant.io import load_weights, save_weights, write_json_atomic, writer_lock
+    from logquant.io import (
+        file_sha256,
+        load_weights,
+        save_weights,
+        write_json_atomic,
+        writer_lock,
+    )
     from logquant.models import create_model
     from logquant.qat import prepare_qat
 
@@ -326,8 +344,10 @@ def train_to_file(model_name: str, splits: Splits, config: QuantConfig, cfg: Tra
                             fold_bn=fold_bn, clip_ste=clip_ste)
         log(describe(model).summary())
     with writer_lock(checkpoint_dir):  # one training run per checkpoint folder
+        identity = {"model": model_name, "init_sha256": file_sha256(init) if init else None,
+                    "config": config.to_dict(), "fold_bn": fold_bn, "clip_ste": clip_ste}
         summary = train(model, splits, cfg, device, checkpoint_dir=checkpoint_dir,
-                        resume=resume, progress=progress, log=log)
+                        resume=resume, progress=progress, log=log, identity=identity)
     if rank != 0:
         return None
     test = evaluate(model, splits.test, eval_batch_size, device)
