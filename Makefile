@@ -18,7 +18,7 @@ test-fast: setup
 	$(PY) -m pytest -q
 
 test: lint
-	$(PY) -m pytest -q -m "slow or not slow"
+	$(PY) -m pytest -q -m "slow or not slow" --durations=25
 
 bench: setup
 	$(PY) benchmarks/bench_formats.py
