@@ -2,6 +2,7 @@
 every result exportable; bad budgets and models refused."""
 
 import json
+import os
 
 import pytest
 import torch
@@ -91,6 +92,16 @@ def test_search_command_writes_a_config_every_command_takes(capsys, fashion, tmp
     names = {r["name"] for r in summary["references"]}
     assert {"log3/log3", "lin8/lin8", "PyTorch int8 PTQ"} <= names
     assert (out / "pareto.png").stat().st_size > 10_000
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["search"]  # staged, swapped whole
+    assert sorted(os.listdir(out)) == [".logquant.lock", "config.json", "pareto.png",
+                                       "search.json"]
+    sweep_like = tmp_path / "sweep_like"  # logquant's, but not search results: refused early
+    sweep_like.mkdir()
+    (sweep_like / ".logquant.lock").touch()
+    (sweep_like / "sweep.csv").write_text("rows")
+    code = main(["search", "--out", str(sweep_like), "--max-evals", "1", "--no-progress"])
+    assert code == 2 and "not logquant search results" in capsys.readouterr().err
+    assert sorted(os.listdir(sweep_like)) == [".logquant.lock", "sweep.csv"]
     config = str(out / "config.json")
     assert main(["eval", "--config", config, "--calib-batches", "1", "--json"]) == 0
     assert json.loads(capsys.readouterr().out)["config"]["overrides"]

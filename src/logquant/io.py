@@ -215,6 +215,17 @@ def output_lock(folder: str | os.PathLike) -> Iterator[Path]:
         os.close(fd)  # otherwise the file stays: unlinking it races with another opener
 
 
+def check_replaceable(path: str | os.PathLike, kind: str,
+                      is_kind: Callable[[Path], bool]) -> None:
+    """OutputError unless the folder ``path`` is absent, empty (its lock file aside) or
+    ``is_kind(path)``: what :func:`staged_folder` checks, for callers to check first."""
+    path = Path(path)
+    if path.is_dir() and any(e.name != LOCK_FILE for e in os.scandir(path)) and \
+            not is_kind(path):
+        raise OutputError(f"{path}: holds files that are not logquant {kind}; choose a new "
+                          "or empty folder")
+
+
 @contextlib.contextmanager
 def staged_folder(path: str | os.PathLike, kind: str,
                   is_kind: Callable[[Path], bool]) -> Iterator[Path]:
@@ -228,9 +239,7 @@ def staged_folder(path: str | os.PathLike, kind: str,
     import shutil
 
     path = Path(path)
-    if path.is_dir() and any(True for _ in os.scandir(path)) and not is_kind(path):
-        raise OutputError(f"{path}: holds files that are not logquant {kind}; choose a new "
-                          "or empty folder")
+    check_replaceable(path, kind, is_kind)
     path.parent.mkdir(parents=True, exist_ok=True)
     stage = Path(tempfile.mkdtemp(prefix=f".{path.name}.{os.getpid()}.", suffix=".partial",
                                   dir=path.parent))

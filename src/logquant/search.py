@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import os
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -39,6 +40,7 @@ from logquant.engine.plan import MAX_ACC_BITS, accumulator_bits
 from logquant.errors import LogquantError
 from logquant.evaluate import evaluate
 from logquant.formats import FAMILIES, Format, family_format
+from logquant.io import LOCK_FILE
 
 OBJECTIVES = ("energy", "bits")
 START = "lin8"
@@ -292,10 +294,11 @@ def search_to_folder(model: nn.Module, splits: Splits, out: Path, *, objective: 
     config.json (the configuration), search.json (everything, plus ``about``), pareto.png.
     """
     from logquant.baselines import pytorch_int8
-    from logquant.io import write_json_atomic
+    from logquant.io import check_replaceable, staged_folder, write_json_atomic
     from logquant.nn import QuantizedLayer
     from logquant.plots import search_pareto
 
+    check_replaceable(out, "search results", is_search_folder)  # before any work
     if any(isinstance(m, QuantizedLayer) for m in model.modules()):
         raise SearchError("search starts from a float model; this checkpoint was trained "
                           "quantization-aware")
@@ -327,7 +330,17 @@ def search_to_folder(model: nn.Module, splits: Splits, out: Path, *, objective: 
     summary = {**result.as_dict(), "test_top1": test_top1, "references": references,
                "beats_every_reference_at_least_as_accurate": beaten, **(about or {}),
                "val_images": len(val)}
-    write_json_atomic(out / "config.json", result.config.to_dict())
-    write_json_atomic(out / "search.json", summary)
-    search_pareto(summary, references, out / "pareto.png")
+    with staged_folder(out, "search results", is_search_folder) as stage:  # whole or not
+        write_json_atomic(stage / "config.json", result.config.to_dict())
+        write_json_atomic(stage / "search.json", summary)
+        search_pareto(summary, references, stage / "pareto.png")
     return SearchRun(search, result, summary)
+
+
+SEARCH_FILES = {"config.json", "search.json", "pareto.png"}
+
+
+def is_search_folder(folder: Path) -> bool:
+    """Whether ``folder`` holds the results of an earlier search and nothing else."""
+    names = set(os.listdir(folder))
+    return "search.json" in names and names <= SEARCH_FILES | {LOCK_FILE}
