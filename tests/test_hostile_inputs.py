@@ -290,6 +290,10 @@ def argument_cases():
                           "search computes on the CPU"),
         "percentile_unused": (["eval", "--weights", "log4", "--percentile", "99"],
                               "--percentile applies"),
+        "qat_options_in_float": (["train", "--out", "{w}/m.safetensors", "--fold-bn"],
+                                 "quantization-aware training options"),
+        "calib_with_quantized_file": (["eval", "--quantized", "{w}/q.safetensors",
+                                       "--calib-batches", "2"], "carries its FSRs"),
     }
 
 

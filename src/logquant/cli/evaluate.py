@@ -17,8 +17,9 @@ def add_commands(sub) -> None:
                    help="weights file (.safetensors, or a torch state_dict loaded safely); "
                         "default for refcnn: the bundled weights")
     add_format_args(p)
-    p.add_argument("--calib-batches", type=positive_int, default=8,
-                   help="validation batches (of --batch-size) used for calibration")
+    p.add_argument("--calib-batches", type=positive_int, default=None,
+                   help="validation batches (of --batch-size) used for calibration "
+                        "(default 8)")
     p.add_argument("--split", choices=("test", "val"), default="test",
                    help="where accuracy is measured (calibration always uses val)")
     p.add_argument("--quantized", default=None, metavar="FILE",
@@ -38,6 +39,8 @@ def cmd_eval(args: argparse.Namespace, argv: list[str]) -> int:
     config = config_from_args(args)
     if args.quantized and not config.is_float:
         raise LogquantError("--quantized FILE carries its formats; drop the format flags")
+    if args.quantized and args.calib_batches is not None:
+        raise LogquantError("--quantized FILE carries its FSRs; drop --calib-batches")
     if args.save_quantized:
         check_output_path(args.save_quantized, suffixes=(".safetensors",),
                           inputs=(args.checkpoint, args.quantized, args.config))
@@ -46,7 +49,7 @@ def cmd_eval(args: argparse.Namespace, argv: list[str]) -> int:
     model = load_checked_model(args.model, args.checkpoint, splits, where)
     acc, layers = evaluate_config(model, splits, config, split=args.split,
                                   quantized=args.quantized, save_quantized=args.save_quantized,
-                                  calib_batches=args.calib_batches, batch_size=args.batch_size,
+                                  calib_batches=args.calib_batches or 8, batch_size=args.batch_size,
                                   device=where, progress=not args.json)
     if args.json:
         print(json.dumps({"model": args.model, "checkpoint": args.checkpoint,

@@ -16,6 +16,7 @@ from logquant.cli.options import (
     positive_int,
     seed,
 )
+from logquant.errors import LogquantError
 
 
 def add_train(sub) -> None:
@@ -77,6 +78,11 @@ def cmd_train(args: argparse.Namespace, argv: list[str]) -> int:
     if args.grads:
         config = dataclasses.replace(config, grads=args.grads)
         config = type(config).from_dict(config.to_dict())  # validates the grads format
+    if config.is_float and config.grads is None and (args.fold_bn or args.clip_ste):
+        given = " and ".join(o for o, on in (("--fold-bn", args.fold_bn),
+                                            ("--clip-ste", args.clip_ste)) if on)
+        raise LogquantError(f"{given}: quantization-aware training options; this run "
+                            "trains in float (give formats, e.g. --weights log4)")
     where = device(args.device)
     splits = load_data(args)
     cfg = TrainConfig(epochs=args.epochs, batch_size=args.train_batch_size, lr=args.lr,
