@@ -76,7 +76,7 @@ def test_onnx_export_runs_in_onnxruntime_on_the_whole_test_set(fashion, tmp_path
     print(f"top-1 changed on images {differ.tolist()}, PyTorch top-2 margins "
           f"{[round(float(m), 4) for m in margin]}")
     assert len(differ) <= 5, f"{len(differ)} images change top-1 between the runtimes"
-    assert int(close.sum()) >= 9_950
+    assert int(close.sum()) >= 9_990
     labels = fashion.test.labels.numpy()
     acc = float(np.mean(theirs.argmax(1).numpy() == labels))
     assert acc > 0.85
