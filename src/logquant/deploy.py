@@ -41,19 +41,14 @@ def export_lqz(model: nn.Module, config: QuantConfig, splits: Splits, out: str |
     calibrating on the first ``calib_batches * batch_size`` validation images, plan it on the
     integer engine (which refuses, naming the op, what it cannot compute exactly) and write
     it to ``out``; ``source`` is recorded in the header. ``log`` gets the coverage line."""
-    from logquant.coverage import describe
-
-    calibration = splits.val.images[:calib_batches * batch_size]
-    qmodel, offset = quantize_for_export(model, None if config.is_float else config,
-                                         calibration, splits.val.mean, splits.val.std,
-                                         num_batches=calib_batches)
     meta = {"source": source,
             "config": None if config.is_float else config.to_dict(),
             "classes": list(splits.train.classes),
             "normalization": {"mean": list(splits.val.mean), "std": list(splits.val.std)},
-            "calibration": {"split": "val", "images": len(calibration)}}
-    log(describe(qmodel).summary())
-    network = build_lqz(qmodel, offset, list(splits.val.images.shape[1:]), meta)
+            "calibration": {"split": "val", "images": len(
+                splits.val.images[:calib_batches * batch_size])}}
+    qmodel, network = _quantized_network(model, None if config.is_float else config, splits,
+                                         calib_batches, batch_size, meta, log)
     engine = Engine(network)
     size = lqz.save(network, out, compress=compress)
     return ExportedLqz(network, engine, size, float32_size(qmodel))
@@ -64,11 +59,24 @@ def network_from_config(model: nn.Module, config: QuantConfig, splits: Splits,
     """``model`` quantized by ``config`` (calibrated on ``calib_batches`` validation batches
     of 500) as an in-memory .lqz network, not yet planned: whoever plans it gets the
     refusals that name the op."""
-    images = splits.val.images[:calib_batches * 500]
-    qmodel, offset = quantize_for_export(model, config, images, splits.val.mean,
-                                         splits.val.std, num_batches=calib_batches)
-    return build_lqz(qmodel, offset, list(splits.val.images.shape[1:]),
-                     {"config": config.to_dict()})
+    return _quantized_network(model, config, splits, calib_batches, 500,
+                              {"config": config.to_dict()})[1]
+
+
+def _quantized_network(model: nn.Module, config: QuantConfig | None, splits: Splits,
+                       calib_batches: int, batch_size: int, meta: dict[str, Any],
+                       log: Callable[[str], None] | None = None) -> tuple[nn.Module, LqzModel]:
+    """(quantized model, .lqz network with header ``meta``), calibrated on the first
+    ``calib_batches * batch_size`` validation images; ``log`` gets the coverage line."""
+    from logquant.coverage import describe
+
+    qmodel, offset = quantize_for_export(model, config,
+                                         splits.val.images[:calib_batches * batch_size],
+                                         splits.val.mean, splits.val.std,
+                                         num_batches=calib_batches)
+    if log is not None:
+        log(describe(qmodel).summary())
+    return qmodel, build_lqz(qmodel, offset, list(splits.val.images.shape[1:]), meta)
 
 
 def coding_summary(path: str | os.PathLike, network: LqzModel) -> str:

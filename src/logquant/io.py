@@ -215,6 +215,11 @@ def output_lock(folder: str | os.PathLike) -> Iterator[Path]:
         os.close(fd)  # otherwise the file stays: unlinking it races with another opener
 
 
+def holds_only(folder: Path, names: set[str]) -> bool:
+    """Whether every entry of ``folder`` is one of ``names`` or logquant's lock file."""
+    return set(os.listdir(folder)) <= names | {LOCK_FILE}
+
+
 def check_replaceable(path: str | os.PathLike, kind: str,
                       is_kind: Callable[[Path], bool]) -> None:
     """OutputError unless the folder ``path`` is absent, empty (its lock file aside) or

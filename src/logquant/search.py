@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import dataclasses
 import math
-import os
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -40,7 +39,6 @@ from logquant.engine.plan import MAX_ACC_BITS, accumulator_bits
 from logquant.errors import LogquantError
 from logquant.evaluate import evaluate
 from logquant.formats import FAMILIES, Format, family_format
-from logquant.io import LOCK_FILE
 
 OBJECTIVES = ("energy", "bits")
 START = "lin8"
@@ -342,5 +340,6 @@ SEARCH_FILES = {"config.json", "search.json", "pareto.png"}
 
 def is_search_folder(folder: Path) -> bool:
     """Whether ``folder`` holds the results of an earlier search and nothing else."""
-    names = set(os.listdir(folder))
-    return "search.json" in names and names <= SEARCH_FILES | {LOCK_FILE}
+    from logquant.io import holds_only
+
+    return (folder / "search.json").is_file() and holds_only(folder, SEARCH_FILES)

@@ -193,10 +193,15 @@ def _write_rows(path: Path, rows: list[dict]) -> None:
     write_text_atomic(path, buffer.getvalue())
 
 
+def _visible_entries(out: Path) -> list[str]:
+    """Names in ``out``, ours aside (lock, temporaries: hidden names)."""
+    return sorted(p.name for p in out.iterdir()
+                  if not p.name.startswith(".")) if out.is_dir() else []
+
+
 def _foreign_entries(out: Path) -> list[str]:
     """Names in ``out`` (ours aside: lock, temporaries) when it is not a sweep's folder."""
-    existing = sorted(p.name for p in out.iterdir()
-                      if not p.name.startswith(".")) if out.is_dir() else []
+    existing = _visible_entries(out)
     if not existing:
         return []
     try:
@@ -222,8 +227,7 @@ def open_output(out: Path, manifest: dict, force: bool) -> list[dict]:
     ``force``, which starts the sweep afresh there.
     """
     check_output_path(out, folder=True, foreign_ok=True)  # its contents are checked here
-    existing = sorted(p.name for p in out.iterdir()
-                      if not p.name.startswith(".")) if out.is_dir() else []  # ours: lock, temps
+    existing = _visible_entries(out)
     if existing and not force:
         manifest_path = out / MANIFEST_FILE
         try:

@@ -11,7 +11,6 @@ and, where a quantize op follows the layer (through ReLUs), ``output_codes.hex``
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 from typing import Any
 
@@ -20,7 +19,7 @@ import torch
 
 from logquant.engine import Engine
 from logquant.errors import LogquantError
-from logquant.io import LOCK_FILE, parse_json, staged_folder
+from logquant.io import holds_only, parse_json, staged_folder
 from logquant.lqz import LqzError
 
 
@@ -103,8 +102,7 @@ def _is_vectors_folder(folder: Path) -> bool:
     says so and lists every file there), so that replacing it loses nothing of the user's."""
     try:
         manifest = parse_json((folder / "manifest.json").read_bytes(), "manifest.json")
-        files = manifest["files"]
-        ours = {LOCK_FILE, "manifest.json", "vectors.npz", *(f["hex"] for f in files.values())}
-        return "accumulator_exponent" in manifest and set(os.listdir(folder)) <= ours
+        ours = {"manifest.json", "vectors.npz", *(f["hex"] for f in manifest["files"].values())}
+        return "accumulator_exponent" in manifest and holds_only(folder, ours)
     except (OSError, LogquantError, KeyError, TypeError, AttributeError):
         return False

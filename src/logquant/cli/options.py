@@ -92,11 +92,11 @@ def load_data(args: argparse.Namespace):
     from logquant.data import is_image_folder, load_splits, resolve_data_dir
 
     size = getattr(args, "image_size", None)
-    if size is not None and not is_image_folder(resolve_data_dir(args.data_dir)):
-        raise LogquantError(f"--image-size applies to image folders; "
-                            f"{resolve_data_dir(args.data_dir)} holds IDX files (28 x 28 "
-                            "images): drop --image-size")
-    return load_splits(args.data_dir, size or 224)
+    directory = resolve_data_dir(args.data_dir)
+    if size is not None and not is_image_folder(directory):
+        raise LogquantError(f"--image-size applies to image folders; {directory} holds IDX "
+                            "files (28 x 28 images): drop --image-size")
+    return load_splits(directory, size or 224)
 
 
 def refuse_device(args: argparse.Namespace, command: str) -> None:
